@@ -1,0 +1,39 @@
+# The README's two set-up commands: `make demo` and `make test`. Each creates .venv and installs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= out
+EXTRAS ?= test,dali
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml setup.py scripts/install-apt.sh datasvc/_jpegcrop.c
+	scripts/install-apt.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(BIN)/python -c "import datasvc.decode as d; print('crop-aware decoder:', d.CROP_DECODER)"
+	touch $@
+
+install: $(STAMP)
+
+# The main job on the built-in sample: make it, convert it, verify it, and benchmark the loaders.
+demo: install
+	$(BIN)/datasvc sample $(OUT)/sample --classes 10 --per-class 48
+	$(BIN)/datasvc convert $(OUT)/sample $(OUT)/packs/sample-lmdb --format lmdb --workers 2
+	$(BIN)/datasvc verify $(OUT)/packs/sample-lmdb --decode
+	$(BIN)/datasvc inspect $(OUT)/packs/sample-lmdb
+	$(BIN)/datasvc bench $(OUT)/packs/sample-lmdb --json $(OUT)/bench.json --plot $(OUT)/bench.png
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/datasvc bench --json $(OUT)/bench.json --plot $(OUT)/bench.png
+
+clean:
+	rm -rf $(VENV) build *.egg-info datasvc/*.so $(OUT)

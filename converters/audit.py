@@ -1,0 +1,133 @@
+"""The audit of one source file: detect by content, pass clean RGB JPEGs through, convert odd
+images to RGB JPEG, and reject what cannot be trusted, with a reason."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+# PIL's own bomb check is replaced by the explicit cap below, which rejects instead of raising.
+Image.MAX_IMAGE_PIXELS = None
+cv2.setNumThreads(1)
+
+_FORMAT_KIND = {"PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tiff",
+                "PPM": "ppm", "MPO": "mpo"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How the audit treats images: an optional longest side, JPEG quality and pixel cap."""
+
+    max_side: int | None = None
+    quality: int = 95
+    max_pixels: int = 178_956_970  # PIL's hard bomb limit; ImageNet's largest is ~ 10^8 / 6
+
+    def __post_init__(self):
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be at least 16, got {self.max_side}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+
+
+class Rejected(Exception):
+    """The file cannot be packed; ``str(e)`` is the reason."""
+
+
+@dataclass(frozen=True)
+class Audited:
+    """An accepted image: RGB JPEG bytes, stored height/width, and what the audit did."""
+
+    image: bytes
+    height: int
+    width: int
+    kind: str  # "jpeg" for pass-through, else the oddity converted (cmyk, grayscale, png, ...)
+
+
+def _to_rgb_array(img: Image.Image) -> tuple[np.ndarray, str | None]:
+    """Any PIL mode → HWC uint8 RGB, and the oddity name (None for plain RGB)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img), None
+    if mode == "CMYK":
+        kind = "ycck" if img.info.get("adobe_transform") == 2 else "cmyk"
+        return np.asarray(img.convert("RGB")), kind
+    if mode in ("L", "1"):
+        return np.asarray(img.convert("RGB")), "grayscale"
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), "16bit"
+    if mode in ("P", "PA"):
+        return np.asarray(img.convert("RGB")), "palette"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        return np.asarray(img.convert("RGB")), "alpha"
+    return np.asarray(img.convert("RGB")), f"mode-{mode}"
+
+
+def _fit(arr: np.ndarray, max_side: int | None) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return arr
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
+
+
+def _encode(arr: np.ndarray, quality: int) -> bytes:
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB",
+                                  colorsubsampling="420")  # fmt: skip
+
+
+def audit_image(data: bytes, cfg: AuditConfig) -> Audited:
+    """Encoded file bytes → an ``Audited`` RGB JPEG; raises ``Rejected`` with the reason."""
+    if not data:
+        raise Rejected("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised content)") from None
+    except Exception as e:  # noqa: BLE001 - a damaged header
+        raise Rejected(f"corrupt header: {e}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise Rejected(f"degenerate size {width}x{height}")
+    if width * height > cfg.max_pixels:
+        raise Rejected(
+            f"decompression bomb: {width}x{height} = {width * height} pixels "
+            f"exceeds the cap of {cfg.max_pixels}"
+        )
+    fmt = img.format or "unknown"
+    if fmt == "JPEG" and img.mode == "RGB":
+        # The common case: a clean RGB JPEG. Decode it fully (strict) to catch truncation.
+        try:
+            if cfg.max_side is not None and max(width, height) > cfg.max_side:
+                s = cfg.max_side / max(width, height)
+                arr = simplejpeg.decode_jpeg(
+                    data, min_height=int(height * s), min_width=int(width * s), strict=True
+                )
+                arr = _fit(arr, cfg.max_side)
+                return Audited(_encode(arr, cfg.quality), arr.shape[0], arr.shape[1], "resized")
+            arr = simplejpeg.decode_jpeg(data, strict=True)
+        except ValueError as e:
+            raise Rejected(f"corrupt or truncated JPEG: {e}") from None
+        if arr.shape[:2] != (height, width):
+            raise Rejected(f"header says {width}x{height}, data decodes to {arr.shape[1]}x{arr.shape[0]}")
+        return Audited(data, height, width, "jpeg")
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+        raise Rejected(f"corrupt or truncated {fmt}: {e}") from None
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    arr, oddity = _to_rgb_array(img)
+    kind = _FORMAT_KIND.get(fmt, "jpeg" if fmt == "JPEG" else fmt.lower())
+    if fmt == "JPEG":
+        kind = oddity or "jpeg"
+    arr = _fit(arr, cfg.max_side)
+    return Audited(_encode(arr, cfg.quality), arr.shape[0], arr.shape[1], kind)

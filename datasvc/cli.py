@@ -1,0 +1,155 @@
+"""``datasvc``: sample | convert | verify | inspect | bench | serve | keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_sample(a) -> int:
+    from datasvc.sample import write_sample
+
+    counts = write_sample(a.out, a.classes, a.per_class, a.val_per_class, a.seed)
+    print(f"wrote {a.out}: {json.dumps(counts)}")
+    return 0
+
+
+def _cmd_convert(a) -> int:
+    from converters.convert import ConversionError, ConvertConfig, convert
+    from converters.source import discover  # noqa: F401 - errors surface below
+
+    try:
+        cfg = ConvertConfig(
+            format=a.format, shards=a.shards, shard_size=a.shard_size, workers=a.workers,
+            max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels, strict=a.strict,
+            seed=a.seed,
+        )  # fmt: skip
+        m = convert(a.src, a.out, cfg, a.split, a.val_labels, a.val_synsets, progress=not a.quiet)
+    except (ConversionError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"datasvc convert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    for name, s in m["splits"].items():
+        au = s["audit"]
+        print(f"{name}: {s['num_samples']} images in {len(s['shards'])} shards; passed "
+              f"{au['passed']}, converted {au['converted']}, rejected {au['rejected']}, "
+              f"ignored {au['ignored']}")  # fmt: skip
+    print(f"wrote {a.out}/manifest.json")
+    return 0
+
+
+def _cmd_verify(a) -> int:
+    from datasvc.packs import PackError
+    from datasvc.packs.verify import verify_pack
+
+    try:
+        r = verify_pack(a.pack, decode=a.decode, progress=not a.quiet)
+    except PackError as e:
+        print(f"datasvc verify: {e}", file=sys.stderr)
+        return 2
+    for p in r.problems:
+        print(f"DAMAGED {p}", file=sys.stderr)
+    status = "OK" if r.ok else f"FAILED ({len(r.problems)} problems)"
+    print(f"{a.pack}: {r.checked} records verified{' and decoded' if a.decode else ''}: {status}")
+    return 0 if r.ok else 1
+
+
+def _cmd_inspect(a) -> int:
+    from datasvc.packs import open_pack
+    from datasvc.packs.verify import describe_pack, format_description
+
+    d = describe_pack(open_pack(a.pack))
+    print(json.dumps(d, indent=1) if a.json else format_description(d))
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from benchmarks.loaders import main as bench_main
+
+    return bench_main(a)
+
+
+def _cmd_serve(a) -> int:
+    from datasvc.service.server import main as serve_main
+
+    return serve_main(a)
+
+
+def _cmd_keys(a) -> int:
+    from datasvc.service.auth import write_keypair
+
+    pub, sec = write_keypair(a.dir, a.name)
+    print(f"public key  {pub}\nsecret key  {sec}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="datasvc", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("sample", help="write the built-in ImageNet-like sample tree")
+    s.add_argument("out")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--per-class", type=int, default=32)
+    s.add_argument("--val-per-class", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_sample)
+
+    c = sub.add_parser("convert", help="convert an ImageFolder tree into an LMDB or TFRecord pack")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--format", default="lmdb", choices=["lmdb", "tfrecord"])
+    c.add_argument("--split", action="append", help="split folder to convert (repeatable)")
+    c.add_argument("--shards", type=int, default=None, help="shards per split")
+    c.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--max-side", type=int, default=None, help="store longest side at most PX")
+    c.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    c.add_argument("--max-pixels", type=int, default=178_956_970, help="decompression-bomb cap")
+    c.add_argument("--strict", action="store_true", help="any rejected file is an error")
+    c.add_argument("--seed", type=int, default=0, help="seed of the train shard order")
+    c.add_argument("--val-labels", help="labels of a flat val folder (LOC_val_solution.csv or "
+                   "ILSVRC2012_validation_ground_truth.txt)")  # fmt: skip
+    c.add_argument("--val-synsets", help="devkit ID → wnid list, with the ground-truth file")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(fn=_cmd_convert)
+
+    v = sub.add_parser("verify", help="check every record of a pack")
+    v.add_argument("pack")
+    v.add_argument("--decode", action="store_true", help="also decode every image")
+    v.add_argument("-q", "--quiet", action="store_true")
+    v.set_defaults(fn=_cmd_verify)
+
+    i = sub.add_parser("inspect", help="describe a pack")
+    i.add_argument("pack")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+
+    b = sub.add_parser("bench", help="benchmark loader backends on one pack")
+    from benchmarks.loaders import add_arguments as bench_args
+
+    bench_args(b)
+    b.set_defaults(fn=_cmd_bench)
+
+    sv = sub.add_parser("serve", help="serve uint8 batches over ZeroMQ")
+    from datasvc.service.server import add_arguments as serve_args
+
+    serve_args(sv)
+    sv.set_defaults(fn=_cmd_serve)
+
+    k = sub.add_parser("keys", help="make a CurveZMQ key pair")
+    k.add_argument("dir")
+    k.add_argument("--name", default="client")
+    k.set_defaults(fn=_cmd_keys)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""LMDB shards: one environment per shard file; keys are 8-byte big-endian indices, values are
+msgpack maps carrying a CRC32C of the image bytes (LMDB itself checks nothing)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import google_crc32c
+import lmdb
+import msgpack
+
+from datasvc.packs import CorruptSampleError, PackFormat, Sample, register_pack_format
+
+_INITIAL_MAP = 64 << 20
+_TXN_RECORDS = 256
+
+
+def record_key(index: int) -> bytes:
+    return int(index).to_bytes(8, "big")
+
+
+def encode_record(sample: Sample, extra: dict | None = None) -> tuple[bytes, int]:
+    """Sample → msgpack value and the CRC32C of its image bytes."""
+    crc = google_crc32c.value(sample.image)
+    value = {
+        "image": sample.image,
+        "label": int(sample.label),
+        "key": sample.key,
+        "height": int(sample.height),
+        "width": int(sample.width),
+        "crc32c": crc,
+    }
+    if extra:
+        value.update(extra)
+    return msgpack.packb(value, use_bin_type=True), crc
+
+
+def decode_record(value: bytes, where: str, verify: bool = True) -> Sample:
+    try:
+        rec = msgpack.unpackb(value, raw=False)
+        sample = Sample(rec["image"], rec["label"], rec["key"], rec["height"], rec["width"])
+    except Exception as e:  # noqa: BLE001 - any parse failure is damage
+        raise CorruptSampleError(f"{where}: unreadable record ({e})") from e
+    if verify and google_crc32c.value(sample.image) != rec["crc32c"]:
+        raise CorruptSampleError(f"{where}: image bytes fail their CRC32C (key {sample.key!r})")
+    return sample
+
+
+class LMDBShardWriter:
+    """Appends samples to a new LMDB shard file; the map grows as needed."""
+
+    def __init__(self, path: str | os.PathLike, classes: list[str] | None = None):
+        self.path = Path(path)
+        for p in (self.path, Path(f"{self.path}-lock")):
+            if p.exists():
+                p.unlink()
+        self._map_size = _INITIAL_MAP
+        self._env = lmdb.open(
+            str(self.path), subdir=False, map_size=self._map_size, readahead=False,
+            meminit=False, sync=False, metasync=False, lock=True,
+        )  # fmt: skip
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._count = 0
+        self._bytes = 0
+        self._digest = 0
+
+    def write(self, sample: Sample, extra: dict | None = None) -> None:
+        value, crc = encode_record(sample, extra)
+        self._pending.append((record_key(self._count), value))
+        self._count += 1
+        self._bytes += len(sample.image)
+        self._digest = google_crc32c.extend(self._digest, crc.to_bytes(4, "big"))
+        if len(self._pending) >= _TXN_RECORDS:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._pending:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for k, v in self._pending:
+                        txn.put(k, v, overwrite=True, append=True)
+                self._pending.clear()
+            except lmdb.MapFullError:
+                self._map_size *= 2
+                self._env.set_mapsize(self._map_size)
+
+    def close(self) -> dict:
+        self._flush()
+        self._env.sync(True)
+        self._env.close()
+        lock = Path(f"{self.path}-lock")
+        if lock.exists():
+            lock.unlink()
+        return {"num_records": self._count, "image_bytes": self._bytes,
+                "digest": f"{self._digest:08x}"}  # fmt: skip
+
+    def abort(self) -> None:
+        self._env.close()
+
+
+class LMDBShardReader:
+    """Random-access reader of one LMDB shard; opens read-only, lock-free, lazily per process."""
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
+        self.path = Path(path)
+        self.verify = verify
+        self._env = None
+        self._txn = None
+        self._pid = None
+        self._len = None
+
+    def _open(self):
+        if self._pid != os.getpid():
+            self._env = lmdb.open(
+                str(self.path), subdir=False, readonly=True, lock=False, readahead=False,
+                meminit=False, max_readers=1,
+            )  # fmt: skip
+            self._txn = self._env.begin(buffers=False)
+            self._pid = os.getpid()
+        return self._txn
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = self._open().stat()["entries"]
+        return self._len
+
+    def raw(self, index: int) -> bytes:
+        value = self._open().get(record_key(index))
+        if value is None:
+            raise IndexError(f"{self.path}: no record {index}")
+        return value
+
+    def __getitem__(self, index: int) -> Sample:
+        return decode_record(self.raw(index), f"{self.path} record {index}", self.verify)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._txn.abort()
+            self._env.close()
+        self._env = self._txn = self._pid = None
+
+    def __getstate__(self):
+        return {"path": self.path, "verify": self.verify, "_env": None, "_txn": None,
+                "_pid": None, "_len": self._len}  # fmt: skip
+
+
+register_pack_format(PackFormat("lmdb", ".lmdb", LMDBShardWriter, LMDBShardReader))

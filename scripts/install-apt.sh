@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Debian packages the project needs: libjpeg-turbo headers for the crop-aware decoder.
+set -euo pipefail
+need=()
+for pkg in libjpeg62-turbo-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
