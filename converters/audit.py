@@ -84,17 +84,25 @@ def _encode(arr: np.ndarray, quality: int) -> bytes:
                                   colorsubsampling="420")  # fmt: skip
 
 
-def audit_image(data: bytes, cfg: AuditConfig) -> Audited:
-    """Encoded file bytes → an ``Audited`` RGB JPEG; raises ``Rejected`` with the reason."""
-    if not data:
-        raise Rejected("empty file")
+def _audit_rgb_jpeg(data: bytes, height: int, width: int, cfg: AuditConfig) -> Audited:
+    """The common case, a clean colour JPEG: decode it fully (strict) to catch truncation."""
     try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise Rejected("not an image (unrecognised content)") from None
-    except Exception as e:  # noqa: BLE001 - a damaged header
-        raise Rejected(f"corrupt header: {e}") from None
-    width, height = img.size
+        if cfg.max_side is not None and max(width, height) > cfg.max_side:
+            s = cfg.max_side / max(width, height)
+            arr = simplejpeg.decode_jpeg(
+                data, min_height=int(height * s), min_width=int(width * s), strict=True
+            )
+            arr = _fit(arr, cfg.max_side)
+            return Audited(_encode(arr, cfg.quality), arr.shape[0], arr.shape[1], "resized")
+        arr = simplejpeg.decode_jpeg(data, strict=True)
+    except ValueError as e:
+        raise Rejected(f"corrupt or truncated JPEG: {e}") from None
+    if arr.shape[:2] != (height, width):
+        raise Rejected(f"header says {width}x{height}, data decodes to {arr.shape[1]}x{arr.shape[0]}")
+    return Audited(data, height, width, "jpeg")
+
+
+def _check_size(width: int, height: int, cfg: AuditConfig) -> None:
     if width < 1 or height < 1:
         raise Rejected(f"degenerate size {width}x{height}")
     if width * height > cfg.max_pixels:
@@ -102,23 +110,31 @@ def audit_image(data: bytes, cfg: AuditConfig) -> Audited:
             f"decompression bomb: {width}x{height} = {width * height} pixels "
             f"exceeds the cap of {cfg.max_pixels}"
         )
+
+
+def audit_image(data: bytes, cfg: AuditConfig) -> Audited:
+    """Encoded file bytes → an ``Audited`` RGB JPEG; raises ``Rejected`` with the reason."""
+    if not data:
+        raise Rejected("empty file")
+    if data[:2] == b"\xff\xd8":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None  # let PIL have a look and name the problem
+        if colorspace in ("YCbCr", "RGB"):
+            _check_size(width, height, cfg)
+            return _audit_rgb_jpeg(data, height, width, cfg)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised content)") from None
+    except Exception as e:  # noqa: BLE001 - a damaged header
+        raise Rejected(f"corrupt header: {e}") from None
+    width, height = img.size
+    _check_size(width, height, cfg)
     fmt = img.format or "unknown"
     if fmt == "JPEG" and img.mode == "RGB":
-        # The common case: a clean RGB JPEG. Decode it fully (strict) to catch truncation.
-        try:
-            if cfg.max_side is not None and max(width, height) > cfg.max_side:
-                s = cfg.max_side / max(width, height)
-                arr = simplejpeg.decode_jpeg(
-                    data, min_height=int(height * s), min_width=int(width * s), strict=True
-                )
-                arr = _fit(arr, cfg.max_side)
-                return Audited(_encode(arr, cfg.quality), arr.shape[0], arr.shape[1], "resized")
-            arr = simplejpeg.decode_jpeg(data, strict=True)
-        except ValueError as e:
-            raise Rejected(f"corrupt or truncated JPEG: {e}") from None
-        if arr.shape[:2] != (height, width):
-            raise Rejected(f"header says {width}x{height}, data decodes to {arr.shape[1]}x{arr.shape[0]}")
-        return Audited(data, height, width, "jpeg")
+        return _audit_rgb_jpeg(data, height, width, cfg)
     try:
         img.load()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...

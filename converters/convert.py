@@ -229,7 +229,8 @@ def convert(
     todo = [j for j in jobs if (j.split, j.index) not in done]
     total = sum(len(j.candidates) for j in todo)
     if done:
-        _log(progress, f"resuming: {len(done)} of {len(jobs)} shards already finished")
+        # Always said, even when quiet: the user should know work was kept.
+        _log(True, f"resuming: {len(done)} of {len(jobs)} shards already finished")
     _run_jobs(todo, out, cfg, classes, total, progress, done)
     manifest = _write_manifest(out, src, cfg, plan, classes, listings, jobs, done, fmt)
     rejected = sum(s["audit"]["rejected"] for s in manifest["splits"].values())

@@ -374,7 +374,7 @@ def adopt_tf_imagenet(path: str | os.PathLike):
     pack.format = None
     pack.classes = classes
     pack._splits = {}
-    for split, info in splits.items():
+    for split, info in list(splits.items()):
         ps = [path / s["file"] for s in info["shards"]]
         sp = Split(split, ps, [s["num_records"] for s in info["shards"]], TFRecordShardReader)
         sp._readers = [TFRecordShardReader(p, index=readers[p]) for p in ps]

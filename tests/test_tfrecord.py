@@ -1,0 +1,174 @@
+"""TFRecord interop: DALI reads our shards; we read shards laid out as TensorFlow's ImageNet
+script writes them, encoded here by the protobuf library rather than by our own encoder."""
+
+from __future__ import annotations
+
+import glob
+import numpy as np
+import pytest
+
+from datasvc.packs import open_pack
+from datasvc.packs.tfrecord import decode_example, frame, masked_crc, scan_records, unframe
+
+
+def _example_class():
+    """tf.train.Example built from its .proto definition with the protobuf runtime."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="tf_example_test.proto", package="tftest",
+                                             syntax="proto3")  # fmt: skip
+
+    bl = fdp.message_type.add(name="BytesList")
+    bl.field.add(name="value", number=1, type=F.TYPE_BYTES, label=F.LABEL_REPEATED)
+    fl = fdp.message_type.add(name="FloatList")
+    f = fl.field.add(name="value", number=1, type=F.TYPE_FLOAT, label=F.LABEL_REPEATED)
+    f.options.packed = True
+    il = fdp.message_type.add(name="Int64List")
+    f = il.field.add(name="value", number=1, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
+    f.options.packed = True
+    feat = fdp.message_type.add(name="Feature")
+    feat.oneof_decl.add(name="kind")
+    for num, (name, tname) in enumerate(
+        [("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")], 1
+    ):
+        feat.field.add(name=name, number=num, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                       type_name=f".tftest.{tname}", oneof_index=0)  # fmt: skip
+    feats = fdp.message_type.add(name="Features")
+    entry = feats.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                    type_name=".tftest.Feature")  # fmt: skip
+    feats.field.add(name="feature", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
+                    type_name=".tftest.Features.FeatureEntry")  # fmt: skip
+    ex = fdp.message_type.add(name="Example")
+    ex.field.add(name="features", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                 type_name=".tftest.Features")  # fmt: skip
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tftest.Example"))
+
+
+def _tf_script_example(Example, image: bytes, label: int, synset: str, name: str, h: int, w: int):
+    """The features of TensorFlow's build_imagenet_data.py, bounding boxes included."""
+    ex = Example()
+    f = ex.features.feature
+
+    def b(k, v):
+        f[k].bytes_list.value.append(v)
+
+    def i(k, v):
+        f[k].int64_list.value.append(v)
+
+    i("image/height", h)
+    i("image/width", w)
+    b("image/colorspace", b"RGB")
+    i("image/channels", 3)
+    i("image/class/label", label)
+    b("image/class/synset", synset.encode())
+    b("image/class/text", b"tench, Tinca tinca")
+    f["image/object/bbox/xmin"].float_list.value.extend([0.1, 0.2])
+    f["image/object/bbox/xmax"].float_list.value.extend([0.9, 0.8])
+    f["image/object/bbox/label"].int64_list.value.extend([label, label])
+    b("image/format", b"JPEG")
+    b("image/filename", name.encode())
+    b("image/encoded", image)
+    return ex.SerializeToString()
+
+
+def test_reads_tensorflow_script_shards(tmp_path, clean_pack):
+    Example = _example_class()
+    src = open_pack(clean_pack)
+    split = src.split("train")
+    expected = []
+    for shard in range(2):
+        with open(tmp_path / f"train-{shard:05d}-of-00002", "wb") as f:
+            for k in range(shard * 10, shard * 10 + 10):
+                s = split[k]
+                name = s.key.split("/")[-1]
+                data = _tf_script_example(Example, s.image, s.label + 1, src.classes[s.label],
+                                          name, s.height, s.width)  # fmt: skip
+                f.write(frame(data))
+                expected.append((s.image, s.label, name))
+    with open(tmp_path / "validation-00000-of-00001", "wb") as f:
+        s = src.split("val")[0]
+        f.write(frame(_tf_script_example(Example, s.image, s.label + 1, src.classes[s.label],
+                                         "ILSVRC2012_val_00000001.JPEG", s.height, s.width)))
+    pack = open_pack(tmp_path)
+    train = pack.split("train")
+    assert len(train) == 20 and len(pack.split("val")) == 1
+    for k, (image, label, name) in enumerate(expected):
+        got = train[k]
+        assert (got.image, got.label, got.key) == (image, label, name)
+
+
+def test_our_examples_parse_with_protobuf(tfrecord_pack):
+    Example = _example_class()
+    path = sorted(glob.glob(str(tfrecord_pack / "train" / "*.tfrecord")))[0]
+    offset, size = scan_records(path)[0]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = unframe(f.read(size), path)
+    ex = Example.FromString(data)
+    ours = decode_example(data)
+    feats = ex.features.feature
+    assert feats["image/encoded"].bytes_list.value[0] == ours["image/encoded"][0]
+    assert feats["image/class/label"].int64_list.value[0] == ours["image/class/label"][0] >= 1
+    assert feats["image/height"].int64_list.value[0] > 0
+
+
+def test_framing_crc_is_tensorflows():
+    # CRC32C's check value is 0xE3069283; TensorFlow masks it as rotr15 + 0xA282EAD8.
+    assert masked_crc(b"123456789") == 0xc78ab0e5
+    rec = frame(b"abc")
+    assert unframe(rec, "x") == b"abc"
+    bad = bytearray(rec)
+    bad[-1] ^= 1
+    with pytest.raises(Exception, match="CRC"):
+        unframe(bytes(bad), "x")
+
+
+@pytest.mark.dali
+def test_dali_reads_our_shards(tfrecord_pack):
+    dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    import nvidia.dali.fn as fn
+    import nvidia.dali.tfrecord as tfrec
+
+    pack = open_pack(tfrecord_pack)
+    files = sorted(glob.glob(str(tfrecord_pack / "train" / "*.tfrecord")))
+    index = [f[: -len(".tfrecord")] + ".idx" for f in files]
+    by_key = {}
+    train = pack.split("train")
+    for i in range(len(train)):
+        s = train[i]
+        by_key[s.key] = s
+
+    @dali.pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    def pipe():
+        inp = fn.readers.tfrecord(
+            path=files, index_path=index, random_shuffle=False, name="reader",
+            features={
+                "image/encoded": tfrec.FixedLenFeature((), tfrec.string, ""),
+                "image/class/label": tfrec.FixedLenFeature([1], tfrec.int64, -1),
+                "image/filename": tfrec.FixedLenFeature((), tfrec.string, ""),
+            },
+        )  # fmt: skip
+        img = fn.decoders.image(inp["image/encoded"], device="cpu")
+        return img, inp["image/class/label"], inp["image/filename"]
+
+    p = pipe()
+    p.build()
+    n = p.epoch_size("reader")
+    assert n == len(train)
+    seen = 0
+    while seen < n:
+        imgs, labels, names = p.run()
+        for j in range(len(labels)):
+            if seen >= n:
+                break
+            key = bytes(np.array(names[j])).decode()
+            s = by_key[key]
+            assert int(np.array(labels[j])[0]) == s.label + 1
+            assert np.array(imgs[j]).shape == (s.height, s.width, 3)
+            seen += 1
