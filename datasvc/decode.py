@@ -1,0 +1,147 @@
+"""Decoding: JPEG bytes → HWC uint8 RGB, crop-aware where the decoder allows.
+
+``CROP_DECODER`` names the backend in use: ``turbo_crop`` (the project's C extension over
+libjpeg-turbo, decoding only the crop's rows and columns, with DCT downscaling) when it was
+built, else ``simplejpeg`` (whole-image decode with DCT downscaling, then a slice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import simplejpeg
+
+from datasvc.augment import Crop, TransformConfig, eval_geometry
+from datasvc.registry import Registry
+
+cv2.setNumThreads(1)
+
+try:
+    from datasvc import _jpegcrop
+except ImportError:  # the optional extension was not built
+    _jpegcrop = None
+
+
+class DecodeError(ValueError):
+    """Encoded bytes that do not decode."""
+
+
+def dct_scale(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
+    """Largest DCT downscale in {1, 2, 4, 8} that keeps the crop at least the output size."""
+    for s in (8, 4, 2):
+        if crop_h >= s * out_h and crop_w >= s * out_w:
+            return s
+    return 1
+
+
+def _fallback_full(data: bytes) -> np.ndarray:
+    """Any image OpenCV or PIL reads (CMYK JPEG, PNG...) → HWC RGB."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        import io
+
+        from PIL import Image
+
+        try:
+            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            raise DecodeError(f"undecodable image ({e})") from None
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def _simplejpeg_scaled(data: bytes, height: int, width: int, s: int) -> np.ndarray:
+    try:
+        return simplejpeg.decode_jpeg(data, min_height=math.ceil(height / s),
+                                      min_width=math.ceil(width / s))  # fmt: skip
+    except ValueError:
+        full = _fallback_full(data)
+        if s == 1:
+            return full
+        return cv2.resize(full, (math.ceil(width / s), math.ceil(height / s)),
+                          interpolation=cv2.INTER_AREA)  # fmt: skip
+
+
+# --- region decoders: (data, top, left, h, w, scale, H, W) → HWC of the scaled box --------
+
+DECODERS = Registry("decoder")
+
+
+@DECODERS.register("simplejpeg")
+def decode_region_simplejpeg(data, top, left, h, w, s, height, width) -> np.ndarray:
+    """JPEG bytes → the scaled crop box, via a whole-image (DCT-scaled) decode and a slice."""
+    full = _simplejpeg_scaled(data, height, width, s)
+    fy, fx = full.shape[0] / height, full.shape[1] / width
+    y0, x0 = int(top * fy), int(left * fx)
+    y1 = max(y0 + 1, min(full.shape[0], math.ceil((top + h) * fy)))
+    x1 = max(x0 + 1, min(full.shape[1], math.ceil((left + w) * fx)))
+    return full[y0:y1, x0:x1]
+
+
+@DECODERS.register("turbo_crop")
+def decode_region_turbo(data, top, left, h, w, s, height, width) -> np.ndarray:
+    """JPEG bytes → the scaled crop box, decoding only its rows and columns."""
+    try:
+        buf, oh, ow = _jpegcrop.decode_crop(data, left, top, w, h, s)
+    except ValueError as e:
+        if "CMYK" in str(e) or "YCCK" in str(e):
+            return decode_region_simplejpeg(data, top, left, h, w, s, height, width)
+        raise DecodeError(str(e)) from None
+    return np.frombuffer(buf, np.uint8).reshape(oh, ow, 3)
+
+
+CROP_DECODER = "turbo_crop" if _jpegcrop is not None else "simplejpeg"
+if _jpegcrop is None:
+    DECODERS._entries.pop("turbo_crop")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the JPEG header."""
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        return h, w
+    except ValueError:
+        full = _fallback_full(data)
+        return full.shape[0], full.shape[1]
+
+
+def decode_full(data: bytes) -> np.ndarray:
+    """JPEG bytes → the whole HWC uint8 RGB image (the decode bound's unit of work)."""
+    try:
+        return simplejpeg.decode_jpeg(data)
+    except ValueError:
+        return _fallback_full(data)
+
+
+def _resize_into(src: np.ndarray, out: np.ndarray) -> None:
+    """Resize into ``out``. DCT downscaling already took the crop to within 2x of the output,
+    so bilinear suffices there (INTER_AREA costs ~4x more); larger factors use INTER_AREA."""
+    oh, ow = out.shape[:2]
+    big_shrink = src.shape[0] >= 2 * oh or src.shape[1] >= 2 * ow
+    cv2.resize(src, (ow, oh), dst=out,
+               interpolation=cv2.INTER_AREA if big_shrink else cv2.INTER_LINEAR)  # fmt: skip
+
+
+def decode_train(data: bytes, crop: Crop, height: int, width: int, out: np.ndarray,
+                 decoder: str | None = None) -> None:  # fmt: skip
+    """JPEG bytes → RandomResizedCrop + flip of ``crop`` written into ``out`` (S×S×3 uint8)."""
+    s = dct_scale(crop.height, crop.width, out.shape[0], out.shape[1])
+    region = DECODERS.get(decoder or CROP_DECODER)(data, crop.top, crop.left, crop.height,
+                                                   crop.width, s, height, width)  # fmt: skip
+    _resize_into(region, out)
+    if crop.flip:
+        cv2.flip(out, 1, dst=out)
+
+
+def decode_eval(data: bytes, cfg: TransformConfig, height: int, width: int,
+                out: np.ndarray) -> None:  # fmt: skip
+    """JPEG bytes → resize shorter side + center crop, written into ``out`` (S×S×3 uint8)."""
+    rh, rw, top, left = eval_geometry(cfg, height, width)
+    s = dct_scale(height, width, rh, rw)
+    img = _simplejpeg_scaled(data, height, width, s) if s > 1 else decode_full(data)
+    from PIL import Image
+
+    # PIL's antialiased bilinear, as torchvision's reference evaluation resizes.
+    resized = np.asarray(Image.fromarray(img).resize((rw, rh), Image.BILINEAR))
+    out[...] = resized[top : top + cfg.image_size, left : left + cfg.image_size]

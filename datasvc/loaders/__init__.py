@@ -1,0 +1,41 @@
+"""Loader backends behind one contract: ``create_loader(backend, source, ...)``.
+
+Every backend draws batches from the same ``EpochSampler`` and yields ``Batch(images, labels,
+ids)``: uint8 N×3×S×S RGB, int64 labels, int64 sample ids; with ``len()``, ``set_epoch()``,
+``state_dict()`` and ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+from datasvc.registry import Registry
+
+LOADERS = Registry("loader backend")
+register_loader = LOADERS.register
+
+
+def list_loaders() -> list[str]:
+    return LOADERS.names()
+
+
+def create_loader(backend: str, source, *, split: str = "train", batch_size: int = 64,
+                  image_size: int = 224, train: bool = True, rank: int = 0, world_size: int = 1,
+                  seed: int = 0, workers: int | None = None, **options):  # fmt: skip
+    """Build a loader: ``backend`` one of ``list_loaders()``; ``source`` a pack path (or, for
+    ``torch``, an ImageFolder tree; for ``remote``, endpoint(s)). Extra ``options`` go to the
+    backend (e.g. ``pin_memory``, ``prefetch``, ``decoder``, ``pack`` for ``remote``)."""
+    return LOADERS.get(backend)(source, split=split, batch_size=batch_size, image_size=image_size,
+                                train=train, rank=rank, world_size=world_size, seed=seed,
+                                workers=workers, **options)  # fmt: skip
+
+
+# Register the built-in backends (each imports its heavy dependencies only when used).
+from datasvc.loaders import custom as _custom  # noqa: E402,F401
+from datasvc.loaders import dali as _dali  # noqa: E402,F401
+from datasvc.loaders import torchvision_loader as _torch  # noqa: E402,F401
+
+try:
+    from datasvc.loaders import remote as _remote  # noqa: F401
+except ImportError:  # the service is optional at this stage
+    pass
+
+__all__ = ["LOADERS", "create_loader", "list_loaders", "register_loader"]

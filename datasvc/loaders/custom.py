@@ -1,0 +1,186 @@
+"""``custom``: our fastest CPU path. Worker processes each build whole batches (crop-aware
+decode, resize, flip) straight into slots of one anonymous shared mapping; the consumer copies a
+finished slot out once. The mapping has no name, so no crash can leave a segment behind."""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing as mp
+import queue
+import signal
+import traceback
+import weakref
+
+import numpy as np
+import torch
+
+from datasvc.batch import Batch, fill_batch
+from datasvc.loaders import register_loader
+from datasvc.loaders.base import Loader, default_workers
+from datasvc.packs import CorruptSampleError, open_pack
+
+
+class SlotRing:
+    """``n`` batch slots (images N×S×S×3 uint8 + labels N int64) in one anonymous mapping,
+    shared with processes forked after its creation."""
+
+    def __init__(self, n: int, batch_size: int, image_size: int):
+        self.n = n
+        self.image_bytes = batch_size * image_size * image_size * 3
+        self.slot_bytes = self.image_bytes + batch_size * 8
+        self.shape = (batch_size, image_size, image_size, 3)
+        self.mem = mmap.mmap(-1, n * self.slot_bytes)  # MAP_SHARED | MAP_ANONYMOUS
+
+    def views(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        base = slot * self.slot_bytes
+        images = np.frombuffer(self.mem, np.uint8, self.image_bytes, base).reshape(self.shape)
+        labels = np.frombuffer(self.mem, np.int64, self.shape[0], base + self.image_bytes)
+        return images, labels
+
+
+def _worker_main(split, cfg, seed, ring: SlotRing, decoder, tasks, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer decides when to stop
+    torch.set_num_threads(1)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        slot, epoch, b, ids = task
+        images, labels = ring.views(slot)
+        try:
+            fill_batch(split, ids, cfg, seed, epoch, images, labels, decoder)
+            results.put((b, None))
+        except Exception as e:  # noqa: BLE001 - reported to the consumer with its type
+            kind = "corrupt" if isinstance(e, CorruptSampleError) else "error"
+            results.put((b, (kind, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+
+
+def _shutdown(procs, tasks) -> None:
+    for _ in procs:
+        try:
+            tasks.put(None)
+        except Exception:  # noqa: BLE001
+            pass
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+@register_loader("custom")
+class CustomLoader(Loader):
+    """Batches built by ``workers`` processes into shared slots; ``prefetch`` batches ahead.
+
+    Options: ``prefetch`` (slots, default 2 per worker), ``decoder`` (a ``DECODERS`` name),
+    ``pin_memory``, ``drop_last``, ``timeout`` (seconds without any batch before failing).
+    """
+
+    backend = "custom"
+
+    def __init__(self, source, *, split="train", batch_size=64, image_size=224, train=True,
+                 rank=0, world_size=1, seed=0, workers=None, prefetch=None, decoder=None,
+                 pin_memory=False, drop_last=None, timeout=120.0):  # fmt: skip
+        self.pack = open_pack(source)
+        self.split = self.pack.split(split)
+        super().__init__(len(self.split), batch_size=batch_size, image_size=image_size,
+                         train=train, rank=rank, world_size=world_size, seed=seed,
+                         drop_last=drop_last)  # fmt: skip
+        self.workers = max(1, workers or default_workers())
+        self.prefetch = max(2, prefetch or 2 * self.workers)
+        self.decoder = decoder
+        self.pin_memory = pin_memory
+        self.timeout = timeout
+        self._procs: list = []
+        self._finalizer = None
+
+    # --- worker pool ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._procs:
+            return
+        ctx = mp.get_context("fork")
+        self._ring = SlotRing(self.prefetch, self.batch_size, self.cfg.image_size)
+        self._tasks = ctx.SimpleQueue()
+        self._results = ctx.Queue()
+        self.split.close()  # each worker opens its own read-only handles
+        self._procs = [
+            ctx.Process(target=_worker_main, daemon=True, name=f"datasvc-custom-{i}",
+                        args=(self.split, self.cfg, self.seed, self._ring, self.decoder,
+                              self._tasks, self._results))  # fmt: skip
+            for i in range(self.workers)
+        ]
+        for p in self._procs:
+            p.start()
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks)
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._procs = []
+        self._finalizer = None
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def _get_result(self):
+        waited = 0.0
+        while True:
+            try:
+                return self._results.get(timeout=1.0)
+            except queue.Empty:
+                waited += 1.0
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    codes = ", ".join(f"{p.name} exit code {p.exitcode}" for p in dead)
+                    self.close()
+                    raise RuntimeError(f"custom loader worker died ({codes})") from None
+                if waited >= self.timeout:
+                    raise TimeoutError(f"no batch from the custom loader in {self.timeout:.0f}s")
+
+    # --- iteration --------------------------------------------------------------------------
+
+    def _batches(self, start: int):
+        self._start()
+        end = len(self.sampler)
+        epoch = self.sampler.epoch
+        free = list(range(self.prefetch))
+        slot_of: dict[int, int] = {}
+        ids_of: dict[int, np.ndarray] = {}
+        ready: dict[int, object] = {}
+        next_b = start
+        try:
+            for want in range(start, end):
+                while free and next_b < end:
+                    slot = free.pop()
+                    ids = self.sampler.batch(next_b)
+                    self._tasks.put((slot, epoch, next_b, ids))
+                    slot_of[next_b], ids_of[next_b] = slot, ids
+                    next_b += 1
+                while want not in ready:
+                    b, err = self._get_result()
+                    ready[b] = err
+                err = ready.pop(want)
+                slot = slot_of.pop(want)
+                ids = ids_of.pop(want)
+                if err is not None:
+                    free.append(slot)
+                    kind, msg = err
+                    raise (CorruptSampleError if kind == "corrupt" else RuntimeError)(msg)
+                yield self._copy_out(slot, len(ids), ids)
+                free.append(slot)
+        finally:
+            # Wait for batches still being built so no slot is written after we reuse it.
+            for _ in range(len(slot_of) - len(ready)):
+                try:
+                    self._get_result()
+                except (RuntimeError, TimeoutError):
+                    break
+
+    def _copy_out(self, slot: int, n: int, ids: np.ndarray) -> Batch:
+        images, labels = self._ring.views(slot)
+        s = self.cfg.image_size
+        out = torch.empty((n, s, s, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
+        out.numpy()[...] = images[:n]
+        lab = torch.from_numpy(labels[:n].copy())
+        return Batch(out.permute(0, 3, 1, 2), lab, torch.from_numpy(np.asarray(ids, np.int64)))

@@ -1,0 +1,172 @@
+"""``dali_cpu`` and ``dali_gpu``: one DALI pipeline definition, fed from our sampler.
+
+Sample ids and crop windows come from ``EpochSampler`` and ``train_crop`` (the same pure
+functions as every other backend), so exactly-once and resume hold; DALI decodes only the crop
+window (``decoders.image_slice``: libjpeg-turbo on CPU, nvJPEG with ``mixed``), resizes with
+antialiasing and flips. ``dali_gpu`` runs the same graph with ``mixed``/GPU operators and
+leaves the images on the GPU; without a GPU it fails at once with a clear message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datasvc.augment import TransformConfig, train_crop
+from datasvc.batch import Batch
+from datasvc.loaders import register_loader
+from datasvc.loaders.base import Loader, default_workers
+from datasvc.packs import open_pack
+
+INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'datasvc[dali]' "
+                "(nvidia-dali-cuda120; or the [dali-cuda130] / [dali-cuda110] extras)")  # fmt: skip
+
+
+def import_dali():
+    try:
+        import nvidia.dali as dali
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    return dali
+
+
+def require_gpu(device_id: int | None) -> int:
+    """The CUDA device to use, or a clear error when there is none."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        raise RuntimeError(
+            "dali_gpu needs a CUDA GPU, and none is visible to this process "
+            "(torch.cuda.is_available() is False); use the dali_cpu backend on CPU-only machines"
+        )
+    return 0 if device_id is None else int(device_id)
+
+
+def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_threads: int,
+                   device_id: int | None, source, prefetch: int = 2):  # fmt: skip
+    """The pipeline both backends share: ``device`` is 'cpu' or 'gpu'.
+
+    ``source(batch_info)`` returns (jpegs, anchors, shapes, flips, labels, ids) per batch,
+    anchors/shapes as (x, y)/(w, h) in source pixels; it raises StopIteration at the end.
+    """
+    dali = import_dali()
+    fn, types = dali.fn, dali.types
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    s = cfg.image_size
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                       prefetch_queue_depth=prefetch, py_start_method="fork")  # fmt: skip
+    def pipe():
+        jpegs, anchors, shapes, flips, labels, ids = fn.external_source(
+            source=source, num_outputs=6, batch=True, batch_info=True,
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64],
+        )  # fmt: skip
+        if cfg.train:
+            images = fn.decoders.image_slice(
+                jpegs, anchors, shapes, device=decoder_device, output_type=types.RGB,
+                normalized_anchor=False, normalized_shape=False, axis_names="WH",
+            )  # fmt: skip
+            images = fn.resize(images, resize_x=s, resize_y=s, antialias=True,
+                               interp_type=types.INTERP_LINEAR)  # fmt: skip
+            images = fn.flip(images, horizontal=flips)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=cfg.resize_shorter, antialias=True,
+                               interp_type=types.INTERP_LINEAR)  # fmt: skip
+            images = fn.crop(images, crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5)
+        return images, labels, ids
+
+    return pipe()
+
+
+class DaliLoader(Loader):
+    """A DALI pipeline per epoch pass, fed batch by batch from the sampler's listing."""
+
+    device = "cpu"
+
+    def __init__(self, source, *, split="train", batch_size=64, image_size=224, train=True,
+                 rank=0, world_size=1, seed=0, workers=None, device_id=None, prefetch=2,
+                 drop_last=None):  # fmt: skip
+        import_dali()
+        if self.device == "gpu":
+            self.device_id = require_gpu(device_id)
+        else:
+            self.device_id = None
+        self.pack = open_pack(source)
+        self.split = self.pack.split(split)
+        super().__init__(len(self.split), batch_size=batch_size, image_size=image_size,
+                         train=train, rank=rank, world_size=world_size, seed=seed,
+                         drop_last=drop_last)  # fmt: skip
+        self.workers = max(1, workers or default_workers())
+        self.prefetch = prefetch
+
+    def _feed(self, start: int, end: int, epoch: int):
+        """The external source: batch ``start + iteration`` of the listing."""
+        cfg, split = self.cfg, self.split
+
+        def source(info):
+            b = start + info.iteration
+            if b >= end:
+                raise StopIteration
+            ids = self.sampler.batch(b)
+            jpegs, anchors, shapes, flips, labels = [], [], [], [], []
+            for sid in ids:
+                smp = split[int(sid)]
+                jpegs.append(np.frombuffer(smp.image, np.uint8))
+                labels.append(np.array(smp.label, np.int64))
+                if cfg.train:
+                    c = train_crop(cfg, self.seed, epoch, int(sid), smp.height, smp.width)
+                    anchors.append(np.array([c.left, c.top], np.float32))
+                    shapes.append(np.array([c.width, c.height], np.float32))
+                    flips.append(np.array(int(c.flip), np.int32))
+                else:
+                    anchors.append(np.zeros(2, np.float32))
+                    shapes.append(np.zeros(2, np.float32))
+                    flips.append(np.array(0, np.int32))
+            return jpegs, anchors, shapes, flips, labels, [np.array(x, np.int64) for x in ids]
+
+        return source
+
+    def _batches(self, start: int):
+        end = len(self.sampler)
+        if start >= end:
+            return
+        bs = self.batch_size
+        # DALI batches are fixed-size except through the source; the last eval batch may be
+        # smaller, which external_source supports (variable batch size).
+        pipe = build_pipeline(self.cfg, device=self.device, batch_size=bs,
+                              num_threads=self.workers, device_id=self.device_id,
+                              source=self._feed(start, end, self.sampler.epoch),
+                              prefetch=self.prefetch)  # fmt: skip
+        pipe.build()
+        try:
+            for _ in range(start, end):
+                images, labels, ids = pipe.run()
+                yield Batch(self._to_torch(images), torch.from_numpy(np.array(labels.as_tensor())),
+                            torch.from_numpy(np.array(ids.as_tensor())))  # fmt: skip
+        finally:
+            del pipe
+
+    def _to_torch(self, images):
+        if self.device == "gpu":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = images.as_tensor()
+            out = torch.empty(t.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+            return out.permute(0, 3, 1, 2)
+        return torch.from_numpy(np.array(images.as_tensor())).permute(0, 3, 1, 2)
+
+
+@register_loader("dali_cpu")
+class DaliCpuLoader(DaliLoader):
+    """DALI on CPU threads (``device_id=None``); ``workers`` is DALI's thread count."""
+
+    backend = "dali_cpu"
+    device = "cpu"
+
+
+@register_loader("dali_gpu")
+class DaliGpuLoader(DaliLoader):
+    """DALI with nvJPEG (``mixed``) and GPU resize/flip; images arrive on the GPU."""
+
+    backend = "dali_gpu"
+    device = "gpu"

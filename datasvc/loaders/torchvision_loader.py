@@ -1,0 +1,145 @@
+"""``torch``: torchvision datasets and transforms (v2) with ``torch.utils.data.DataLoader`` and
+PIL (pillow-simd when installed) — the plain baseline of the seed projects."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from datasvc.batch import Batch
+from datasvc.loaders import register_loader
+from datasvc.loaders.base import Loader, default_workers
+from datasvc.packs import MANIFEST_NAME, open_pack
+
+
+def pil_info() -> str:
+    """Which PIL is installed: 'pillow-simd X' or 'pillow X'."""
+    import PIL
+    from importlib import metadata
+
+    for dist in ("pillow-simd", "Pillow-SIMD"):
+        try:
+            return f"pillow-simd {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            pass
+    return f"pillow {PIL.__version__}" + (" (SIMD build)" if ".post" in PIL.__version__ else "")
+
+
+def build_transform(train: bool, image_size: int):
+    from torchvision.transforms import v2
+
+    if train:
+        ops = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        ops = [v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
+               v2.CenterCrop(image_size)]  # fmt: skip
+    return v2.Compose([*ops, v2.PILToTensor()])
+
+
+class PackDataset(torch.utils.data.Dataset):
+    """A pack split as a torchvision-style dataset: PIL decode, v2 transforms, uint8 CHW."""
+
+    def __init__(self, split, transform):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        s = self.split[i]
+        img = Image.open(io.BytesIO(s.image)).convert("RGB")
+        return self.transform(img), s.label, i
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A raw ImageFolder tree through ``torchvision.datasets.ImageFolder``."""
+
+    def __init__(self, root, transform):
+        from torchvision.datasets import ImageFolder
+
+        self.ds = ImageFolder(root)
+
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        img, label = self.ds[i]
+        return self.transform(img), label, i
+
+
+def _collate(items):
+    images = torch.stack([x[0] for x in items])
+    labels = torch.tensor([x[1] for x in items], dtype=torch.int64)
+    ids = torch.tensor([x[2] for x in items], dtype=torch.int64)
+    return images, labels, ids
+
+
+class _CursorBatches:
+    """The batch sampler the DataLoader sees: the sampler's batches from its cursor on."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.start = 0
+
+    def __iter__(self):
+        for b in range(self.start, len(self.sampler)):
+            yield self.sampler.batch(b).tolist()
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start
+
+
+@register_loader("torch")
+class TorchLoader(Loader):
+    """torchvision + DataLoader with ``workers`` processes (persistent across epochs)."""
+
+    backend = "torch"
+
+    def __init__(self, source, *, split="train", batch_size=64, image_size=224, train=True,
+                 rank=0, world_size=1, seed=0, workers=None, pin_memory=False, drop_last=None,
+                 prefetch_factor=2):  # fmt: skip
+        source = Path(source)
+        transform = build_transform(train, image_size)
+        if (source / MANIFEST_NAME).exists():
+            self.dataset = PackDataset(open_pack(source).split(split), transform)
+        else:
+            root = source / split if (source / split).is_dir() else source
+            self.dataset = FolderDataset(root, transform)
+        super().__init__(len(self.dataset), batch_size=batch_size, image_size=image_size,
+                         train=train, rank=rank, world_size=world_size, seed=seed,
+                         drop_last=drop_last)  # fmt: skip
+        self.workers = default_workers() if workers is None else workers
+        self._batch_sampler = _CursorBatches(self.sampler)
+        kw = {}
+        if self.workers > 0:
+            kw = {"persistent_workers": True, "prefetch_factor": prefetch_factor,
+                  "multiprocessing_context": "fork"}  # fmt: skip
+        self._dl = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self._batch_sampler, num_workers=self.workers,
+            collate_fn=_collate, pin_memory=pin_memory, **kw,
+        )  # fmt: skip
+
+    def _batches(self, start: int):
+        self._batch_sampler.start = start
+        for images, labels, ids in self._dl:
+            yield Batch(images, labels, ids)
+
+    def worker_pids(self) -> list[int]:
+        it = getattr(self._dl, "_iterator", None)
+        return [w.pid for w in getattr(it, "_workers", [])] if it is not None else []
+
+    def close(self) -> None:
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl = None
+
+
+__all__ = ["TorchLoader", "pil_info"]
