@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from datasvc.augment import TransformConfig, train_crop
+from datasvc.augment import TransformConfig, eval_geometry, train_crop
 from datasvc.batch import Batch
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers
@@ -44,8 +44,9 @@ def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_th
                    device_id: int | None, source, prefetch: int = 2):  # fmt: skip
     """The pipeline both backends share: ``device`` is 'cpu' or 'gpu'.
 
-    ``source(batch_info)`` returns (jpegs, anchors, shapes, flips, labels, ids) per batch,
-    anchors/shapes as (x, y)/(w, h) in source pixels; it raises StopIteration at the end.
+    ``source(batch_info)`` returns (jpegs, labels, ids, anchors, shapes, flips) per train
+    batch, anchors/shapes as (x, y)/(w, h) in source pixels, and (jpegs, labels, ids) per eval
+    batch; it raises StopIteration at the end.
     """
     dali = import_dali()
     fn, types = dali.fn, dali.types
@@ -55,11 +56,13 @@ def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_th
     @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                        prefetch_queue_depth=prefetch, py_start_method="fork")  # fmt: skip
     def pipe():
-        jpegs, anchors, shapes, flips, labels, ids = fn.external_source(
-            source=source, num_outputs=6, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64],
-        )  # fmt: skip
+        dtypes = [types.UINT8, types.INT64, types.INT64]
+        dtypes += [types.FLOAT, types.FLOAT, types.INT32] if cfg.train else [types.FLOAT] * 2
+        jpegs, labels, ids, *crop = fn.external_source(
+            source=source, num_outputs=len(dtypes), batch=True, batch_info=True, dtype=dtypes
+        )
         if cfg.train:
+            anchors, shapes, flips = crop
             images = fn.decoders.image_slice(
                 jpegs, anchors, shapes, device=decoder_device, output_type=types.RGB,
                 normalized_anchor=False, normalized_shape=False, axis_names="WH",
@@ -68,10 +71,12 @@ def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_th
                                interp_type=types.INTERP_LINEAR)  # fmt: skip
             images = fn.flip(images, horizontal=flips)
         else:
+            # Sizes and crop offsets exactly as torchvision's Resize + CenterCrop compute them.
+            sizes, anchors = crop
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=cfg.resize_shorter, antialias=True,
-                               interp_type=types.INTERP_LINEAR)  # fmt: skip
-            images = fn.crop(images, crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5)
+            images = fn.resize(images, size=sizes, antialias=True, interp_type=types.INTERP_LINEAR)
+            images = fn.slice(images, anchors, np.array([s, s], np.float32), axis_names="WH",
+                              normalized_anchor=False, normalized_shape=False)  # fmt: skip
         return images, labels, ids
 
     return pipe()
@@ -118,10 +123,13 @@ class DaliLoader(Loader):
                     shapes.append(np.array([c.width, c.height], np.float32))
                     flips.append(np.array(int(c.flip), np.int32))
                 else:
-                    anchors.append(np.zeros(2, np.float32))
-                    shapes.append(np.zeros(2, np.float32))
-                    flips.append(np.array(0, np.int32))
-            return jpegs, anchors, shapes, flips, labels, [np.array(x, np.int64) for x in ids]
+                    rh, rw, top, left = eval_geometry(cfg, smp.height, smp.width)
+                    shapes.append(np.array([rh, rw], np.float32))  # fn.resize size is (H, W)
+                    anchors.append(np.array([left, top], np.float32))
+            ids = [np.array(x, np.int64) for x in ids]
+            if cfg.train:
+                return jpegs, labels, ids, anchors, shapes, flips
+            return jpegs, labels, ids, shapes, anchors
 
         return source
 

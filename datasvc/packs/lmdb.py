@@ -99,34 +99,56 @@ class LMDBShardWriter:
         self._env.close()
 
 
+# One read-only environment per shard file and process: LMDB (and py-lmdb's guard) forbid
+# opening the same environment twice in a process, and a forked child must not use its
+# parent's handle, so a child closes what it inherited and opens its own.
+_ENVS: dict[tuple, tuple[int, lmdb.Environment, lmdb.Transaction]] = {}
+
+
+def _read_txn(path: Path) -> lmdb.Transaction:
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_dev, st.st_ino)  # a file re-created at the same path is another env
+    entry = _ENVS.get(key)
+    if entry is not None and entry[0] == os.getpid():
+        return entry[2]
+    if entry is not None:  # inherited through fork: drop it without touching the parent's
+        try:
+            entry[2].abort()
+            entry[1].close()
+        except lmdb.Error:
+            pass
+    env = lmdb.open(real, subdir=False, readonly=True, lock=False, readahead=False,
+                    meminit=False, max_readers=1)  # fmt: skip
+    txn = env.begin(buffers=False)
+    _ENVS[key] = (os.getpid(), env, txn)
+    return txn
+
+
+def close_environments() -> None:
+    """Close this process's read-only environments (they reopen on next use)."""
+    for key, (pid, env, txn) in list(_ENVS.items()):
+        if pid == os.getpid():
+            txn.abort()
+            env.close()
+        _ENVS.pop(key, None)
+
+
 class LMDBShardReader:
-    """Random-access reader of one LMDB shard; opens read-only, lock-free, lazily per process."""
+    """Random-access reader of one LMDB shard; read-only, lock-free, opened lazily per process."""
 
     def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
         self.verify = verify
-        self._env = None
-        self._txn = None
-        self._pid = None
         self._len = None
-
-    def _open(self):
-        if self._pid != os.getpid():
-            self._env = lmdb.open(
-                str(self.path), subdir=False, readonly=True, lock=False, readahead=False,
-                meminit=False, max_readers=1,
-            )  # fmt: skip
-            self._txn = self._env.begin(buffers=False)
-            self._pid = os.getpid()
-        return self._txn
 
     def __len__(self) -> int:
         if self._len is None:
-            self._len = self._open().stat()["entries"]
+            self._len = _read_txn(self.path).stat()["entries"]
         return self._len
 
     def raw(self, index: int) -> bytes:
-        value = self._open().get(record_key(index))
+        value = _read_txn(self.path).get(record_key(index))
         if value is None:
             raise IndexError(f"{self.path}: no record {index}")
         return value
@@ -139,14 +161,7 @@ class LMDBShardReader:
             yield self[i]
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._txn.abort()
-            self._env.close()
-        self._env = self._txn = self._pid = None
-
-    def __getstate__(self):
-        return {"path": self.path, "verify": self.verify, "_env": None, "_txn": None,
-                "_pid": None, "_len": self._len}  # fmt: skip
+        """Nothing to release per reader: environments are shared per process."""
 
 
 register_pack_format(PackFormat("lmdb", ".lmdb", LMDBShardWriter, LMDBShardReader))

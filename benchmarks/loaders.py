@@ -1,0 +1,295 @@
+"""``datasvc bench``: every loader backend on the same pack, batch size, image size and cores,
+beside the machine's bound (full JPEG decode of the same files, no resize, same cores).
+
+Each backend runs one warm-up epoch (excluded) and ``--repeats`` timed epochs; images/s is the
+median. Memory is the proportional set size (PSS) of the loader's whole process tree, sampled
+while it runs, so shared pages are not counted twice.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from benchmarks.report import bar_plot, machine, markdown_table, write_json
+
+ALL_BACKENDS = ["custom", "torch", "dali_cpu", "dali_gpu", "remote"]
+CACHE = Path(os.environ.get("DATASVC_CACHE", Path.home() / ".cache" / "datasvc"))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("pack", nargs="?", help="pack to read (default: the built-in sample, cached)")
+    p.add_argument("--backends", default=",".join(ALL_BACKENDS))
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=None, help="worker processes/threads "
+                   "(default: the cores this process may use)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs per backend")
+    p.add_argument("--eval", action="store_true", help="eval transform instead of train")
+    p.add_argument("--json", default=None, help="write results as JSON")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart")
+
+
+def sample_pack() -> Path:
+    """The built-in sample, made and converted once, cached."""
+    from converters.convert import ConvertConfig, convert
+    from datasvc.packs import MANIFEST_NAME
+    from datasvc.sample import write_sample
+
+    pack = CACHE / "bench-sample-v1" / "pack"
+    if (pack / MANIFEST_NAME).exists():
+        return pack
+    tree = CACHE / "bench-sample-v1" / "tree"
+    shutil.rmtree(tree.parent, ignore_errors=True)
+    print(f"making the benchmark sample under {tree.parent} (once)", file=sys.stderr)
+    write_sample(tree, classes=10, per_class=100, val_per_class=25, seed=0)
+    convert(tree, pack, ConvertConfig(workers=2), progress=False)
+    shutil.rmtree(tree, ignore_errors=True)
+    return pack
+
+
+# --- measurement helpers -------------------------------------------------------------------
+
+
+class TreeMonitor:
+    """Samples PSS (or RSS) of a process and all its descendants; tracks CPU time."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.25):
+        self.proc = psutil.Process(pid or os.getpid())
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def procs(self):
+        try:
+            return [self.proc, *self.proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def memory_mb(self) -> float:
+        total = 0
+        for p in self.procs():
+            try:
+                mi = p.memory_full_info()
+                total += getattr(mi, "pss", mi.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total / 2**20
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.procs():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self.memory_mb())
+
+    def __enter__(self):
+        self.peak_mb = self.memory_mb()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.memory_mb())
+
+
+def _decode_share(args) -> int:
+    from datasvc.decode import decode_full
+    from datasvc.packs import open_pack
+
+    pack, split, ids = args
+    sp = open_pack(pack).split(split)
+    images = [sp[i].image for i in ids]
+    t = time.perf_counter()
+    for data in images:
+        decode_full(data)
+    return time.perf_counter() - t
+
+
+def decode_limit(pack: str, split: str, workers: int, repeats: int) -> dict:
+    """Full JPEG decode only (no resize) of the split's images over ``workers`` processes."""
+    from datasvc.packs import open_pack
+
+    n = len(open_pack(pack).split(split))
+    shares = [(pack, split, list(range(w, n, workers))) for w in range(workers)]
+    rates = []
+    with mp.get_context("fork").Pool(workers) as pool:
+        pool.map(_decode_share, shares)  # warm-up: page cache, imports
+        for _ in range(repeats):
+            t = time.perf_counter()
+            pool.map(_decode_share, shares)
+            rates.append(n / (time.perf_counter() - t))
+    return {"images_per_s": statistics.median(rates), "images": n, "workers": workers,
+            "decoder": "simplejpeg (libjpeg-turbo), full image"}  # fmt: skip
+
+
+def bench_backend(backend: str, pack: str, a, workers: int, server=None) -> dict:
+    from datasvc.loaders import create_loader
+
+    row = {"backend": backend, "status": "ok", "reason": ""}
+    kw = {}
+    source = pack
+    if backend == "remote":
+        source = server.endpoint
+        kw = {"pack": server.pack_name}
+    try:
+        loader = create_loader(backend, source, split=a.split, batch_size=a.batch_size,
+                               image_size=a.image_size, train=not a.eval, workers=workers,
+                               **kw)  # fmt: skip
+    except (ImportError, RuntimeError, KeyError) as e:
+        return {**row, "status": "unavailable", "reason": str(e).splitlines()[0]}
+    mon = TreeMonitor(server.pid if server else None)
+    rates, mems, cpu = [], [], []
+    try:
+        with mon:
+            for epoch in range(a.repeats + 1):
+                loader.set_epoch(epoch)
+                c0, t0, n = mon.cpu_seconds(), time.perf_counter(), 0
+                for batch in loader:
+                    n += len(batch.ids)
+                dt = time.perf_counter() - t0
+                used = mon.cpu_seconds() - c0
+                if backend == "remote":
+                    used += psutil.Process().cpu_times().user - 0  # client side counted too
+                mems.append(round(mon.memory_mb(), 1))
+                if epoch == 0:
+                    continue  # warm-up
+                rates.append(n / dt)
+                cpu.append(used / dt / workers)
+    finally:
+        loader.close()
+    ips = statistics.median(rates)
+    row.update({
+        "images_per_s": ips,
+        "images_per_s_per_core": ips / workers,
+        "cpu_util": statistics.median(cpu),
+        "peak_rss_mb": round(mon.peak_mb, 1),
+        "memory_mb_per_epoch": mems,
+        "epoch_images": n,
+        "repeats": rates,
+    })  # fmt: skip
+    if backend == "torch":
+        from datasvc.loaders.torchvision_loader import pil_info
+
+        row["pil"] = pil_info()
+    if backend == "custom":
+        from datasvc.decode import CROP_DECODER
+
+        row["decoder"] = CROP_DECODER
+    if server is not None:
+        row.update(server.stats())
+    return row
+
+
+def run(a) -> dict:
+    pack = str(a.pack or sample_pack())
+    workers = a.workers or len(os.sched_getaffinity(0))
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    print(f"pack {pack}, split {a.split}, batch {a.batch_size}, image {a.image_size}, "
+          f"{workers} workers, {a.repeats} timed epochs after 1 warm-up", file=sys.stderr)  # fmt: skip
+    limit = decode_limit(pack, a.split, workers, a.repeats)
+    print(f"decode limit: {limit['images_per_s']:.0f} images/s", file=sys.stderr)
+    results = []
+    for backend in backends:
+        print(f"running {backend} ...", file=sys.stderr, flush=True)
+        if backend == "remote":
+            results.append(bench_remote(pack, a, workers))
+        else:
+            results.append(bench_backend(backend, pack, a, workers))
+        r = results[-1]
+        if r["status"] == "ok":
+            r["vs_decode_limit"] = r["images_per_s"] / limit["images_per_s"]
+            print(f"  {r['images_per_s']:.0f} images/s", file=sys.stderr)
+        else:
+            print(f"  unavailable: {r['reason']}", file=sys.stderr)
+    by = {r["backend"]: r for r in results if r["status"] == "ok"}
+    for r in results:
+        for ref in ("torch", "dali_cpu"):
+            if r["status"] == "ok" and ref in by:
+                r[f"vs_{ref}"] = r["images_per_s"] / by[ref]["images_per_s"]
+    config = {"pack": pack, "split": a.split, "batch_size": a.batch_size,
+              "image_size": a.image_size, "workers": workers, "repeats": a.repeats,
+              "train": not a.eval}  # fmt: skip
+    return {"results": results, "decode_limit": limit, "config": config, "machine": machine()}
+
+
+def bench_remote(pack: str, a, workers: int) -> dict:
+    try:
+        from datasvc.service.local import LocalServer
+    except ImportError as e:
+        return {"backend": "remote", "status": "unavailable", "reason": f"service missing: {e}"}
+    with LocalServer([pack], workers=workers) as server:
+        return bench_backend("remote", pack, a, workers, server)
+
+
+COLUMNS = [("backend", "backend"), ("images_per_s", "images/s"),
+           ("images_per_s_per_core", "per core"), ("vs_decode_limit", "vs decode limit"),
+           ("vs_torch", "vs torch"), ("vs_dali_cpu", "vs dali_cpu"), ("cpu_util", "CPU util"),
+           ("peak_rss_mb", "peak MB"), ("reason", "note")]  # fmt: skip
+
+
+def format_table(res: dict) -> str:
+    rows = []
+    for r in res["results"]:
+        row = dict(r)
+        for k in ("vs_decode_limit", "vs_torch", "vs_dali_cpu", "cpu_util"):
+            if k in row:
+                row[k] = f"{row[k]:.2f}"
+        if r["status"] != "ok":
+            row["reason"] = f"unavailable: {r['reason']}"
+        elif r.get("pil"):
+            row["reason"] = r["pil"]
+        elif r.get("decoder"):
+            row["reason"] = f"decoder {r['decoder']}"
+        elif r.get("bytes_per_image"):
+            row["reason"] = f"{r['bytes_per_image'] / 1024:.0f} KiB/image on the wire"
+        rows.append(row)
+    lim = res["decode_limit"]
+    rows.append({"backend": "decode limit", "images_per_s": lim["images_per_s"],
+                 "images_per_s_per_core": lim["images_per_s"] / lim["workers"],
+                 "vs_decode_limit": "1.00", "reason": "full decode, no resize"})  # fmt: skip
+    return markdown_table(rows, COLUMNS)
+
+
+def main(a) -> int:
+    res = run(a)
+    print(format_table(res))
+    if a.json:
+        write_json(a.json, res)
+        print(f"wrote {a.json}")
+    if a.plot:
+        ok = [r for r in res["results"] if r["status"] == "ok"]
+        bar_plot(a.plot, [r["backend"] for r in ok], [r["images_per_s"] for r in ok],
+                 f"Loader throughput, {res['config']['workers']} workers, batch "
+                 f"{res['config']['batch_size']}, {res['config']['image_size']}px",
+                 "images/s", ("full-decode bound", res["decode_limit"]["images_per_s"]))  # fmt: skip
+        print(f"wrote {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    raise SystemExit(main(ap.parse_args()))
