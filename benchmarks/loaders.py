@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=None, help="worker processes/threads "
                    "(default: the cores this process may use)")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per backend")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all backends")
     p.add_argument("--eval", action="store_true", help="eval transform instead of train")
     p.add_argument("--json", default=None, help="write results as JSON")
     p.add_argument("--plot", default=None, help="write a PNG bar chart")
@@ -63,8 +63,9 @@ def sample_pack() -> Path:
 class TreeMonitor:
     """Samples PSS (or RSS) of a process and all its descendants; tracks CPU time."""
 
-    def __init__(self, pid: int | None = None, interval: float = 0.25):
+    def __init__(self, pid: int | None = None, interval: float = 0.25, exclude: int | None = None):
         self.proc = psutil.Process(pid or os.getpid())
+        self.exclude = exclude  # a child whose whole subtree is not ours to count
         self.interval = interval
         self.peak_mb = 0.0
         self._stop = threading.Event()
@@ -72,7 +73,12 @@ class TreeMonitor:
 
     def procs(self):
         try:
-            return [self.proc, *self.proc.children(recursive=True)]
+            procs = [self.proc, *self.proc.children(recursive=True)]
+            if self.exclude:
+                skip = psutil.Process(self.exclude)
+                gone = {skip.pid, *(c.pid for c in skip.children(recursive=True))}
+                procs = [p for p in procs if p.pid not in gone]
+            return procs
         except psutil.NoSuchProcess:
             return []
 
@@ -113,133 +119,165 @@ class TreeMonitor:
         self.peak_mb = max(self.peak_mb, self.memory_mb())
 
 
-def _decode_share(args) -> int:
+def _decode_share(args) -> float:
     from datasvc.decode import decode_full
     from datasvc.packs import open_pack
 
     pack, split, ids = args
     sp = open_pack(pack).split(split)
     images = [sp[i].image for i in ids]
+    buffer = bytearray(max(s.height * s.width * 3 for s in map(sp.__getitem__, ids)))
     t = time.perf_counter()
     for data in images:
-        decode_full(data)
+        decode_full(data, buffer)  # into one reused buffer: the decoder's own cost
     return time.perf_counter() - t
 
 
-def decode_limit(pack: str, split: str, workers: int, repeats: int) -> dict:
+class DecodeLimit:
     """Full JPEG decode only (no resize) of the split's images over ``workers`` processes."""
-    from datasvc.packs import open_pack
 
-    n = len(open_pack(pack).split(split))
-    shares = [(pack, split, list(range(w, n, workers))) for w in range(workers)]
-    rates = []
-    with mp.get_context("fork").Pool(workers) as pool:
-        pool.map(_decode_share, shares)  # warm-up: page cache, imports
-        for _ in range(repeats):
-            t = time.perf_counter()
-            pool.map(_decode_share, shares)
-            rates.append(n / (time.perf_counter() - t))
-    return {"images_per_s": statistics.median(rates), "images": n, "workers": workers,
-            "decoder": "simplejpeg (libjpeg-turbo), full image"}  # fmt: skip
+    def __init__(self, pack: str, split: str, workers: int):
+        from datasvc.packs import open_pack
+
+        self.n = len(open_pack(pack).split(split))
+        self.workers = workers
+        self.shares = [(pack, split, list(range(w, self.n, workers))) for w in range(workers)]
+        self.pool = mp.get_context("fork").Pool(workers)
+        self.pool.map(_decode_share, self.shares)  # warm-up: page cache, imports
+
+    def once(self) -> float:
+        t = time.perf_counter()
+        self.pool.map(_decode_share, self.shares)
+        return self.n / (time.perf_counter() - t)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
 
 
-def bench_backend(backend: str, pack: str, a, workers: int, server=None) -> dict:
+def bench_backend(backend: str, source: str, a, workers: int, epochs: int,
+                  exclude: int | None = None, **kw) -> dict:  # fmt: skip
+    """One run: build the loader, one warm-up epoch, then ``epochs`` timed epochs."""
     from datasvc.loaders import create_loader
 
-    row = {"backend": backend, "status": "ok", "reason": ""}
-    kw = {}
-    source = pack
-    if backend == "remote":
-        source = server.endpoint
-        kw = {"pack": server.pack_name}
     try:
         loader = create_loader(backend, source, split=a.split, batch_size=a.batch_size,
                                image_size=a.image_size, train=not a.eval, workers=workers,
                                **kw)  # fmt: skip
     except (ImportError, RuntimeError, KeyError) as e:
-        return {**row, "status": "unavailable", "reason": str(e).splitlines()[0]}
-    mon = TreeMonitor(server.pid if server else None)
+        return {"status": "unavailable", "reason": str(e).splitlines()[0]}
+    mon = TreeMonitor(exclude=exclude)  # this process and its children (workers, a server)
     rates, mems, cpu = [], [], []
     try:
         with mon:
-            for epoch in range(a.repeats + 1):
+            for epoch in range(epochs + 1):
                 loader.set_epoch(epoch)
                 c0, t0, n = mon.cpu_seconds(), time.perf_counter(), 0
                 for batch in loader:
                     n += len(batch.ids)
                 dt = time.perf_counter() - t0
                 used = mon.cpu_seconds() - c0
-                if backend == "remote":
-                    used += psutil.Process().cpu_times().user - 0  # client side counted too
                 mems.append(round(mon.memory_mb(), 1))
-                if epoch == 0:
-                    continue  # warm-up
-                rates.append(n / dt)
-                cpu.append(used / dt / workers)
+                if epoch:  # the first epoch is warm-up
+                    rates.append(n / dt)
+                    cpu.append(used / dt / workers)
     finally:
         loader.close()
-    ips = statistics.median(rates)
-    row.update({
-        "images_per_s": ips,
-        "images_per_s_per_core": ips / workers,
-        "cpu_util": statistics.median(cpu),
-        "peak_rss_mb": round(mon.peak_mb, 1),
-        "memory_mb_per_epoch": mems,
-        "epoch_images": n,
-        "repeats": rates,
-    })  # fmt: skip
-    if backend == "torch":
-        from datasvc.loaders.torchvision_loader import pil_info
-
-        row["pil"] = pil_info()
-    if backend == "custom":
-        from datasvc.decode import CROP_DECODER
-
-        row["decoder"] = CROP_DECODER
-    if server is not None:
-        row.update(server.stats())
-    return row
+    return {"status": "ok", "rates": rates, "cpu": cpu, "peak_mb": mon.peak_mb,
+            "memory_mb_per_epoch": mems, "epoch_images": n}  # fmt: skip
 
 
 def run(a) -> dict:
+    """Backends and the decode limit are measured round-robin, ``repeats`` rounds, so that
+    whatever else the machine does weighs on all of them alike; ratios are taken within a
+    round and their median reported."""
     pack = str(a.pack or sample_pack())
     workers = a.workers or len(os.sched_getaffinity(0))
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     print(f"pack {pack}, split {a.split}, batch {a.batch_size}, image {a.image_size}, "
-          f"{workers} workers, {a.repeats} timed epochs after 1 warm-up", file=sys.stderr)  # fmt: skip
-    limit = decode_limit(pack, a.split, workers, a.repeats)
-    print(f"decode limit: {limit['images_per_s']:.0f} images/s", file=sys.stderr)
+          f"{workers} workers, {a.repeats} rounds (warm-up epoch excluded)", file=sys.stderr)  # fmt: skip
+    limit = DecodeLimit(pack, a.split, workers)
+    server = None
+    if "remote" in backends:
+        try:
+            from datasvc.service.local import LocalServer
+
+            server = LocalServer([pack], workers=workers).start()
+        except Exception as e:  # noqa: BLE001
+            print(f"remote: local server failed: {e}", file=sys.stderr)
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    limits = []
+    try:
+        for rnd in range(a.repeats):
+            limits.append(limit.once())
+            for backend in backends:
+                kw, source = {}, pack
+                if backend == "remote":
+                    if server is None:
+                        runs[backend].append({"status": "unavailable",
+                                              "reason": "local server did not start"})  # fmt: skip
+                        continue
+                    source, kw = server.endpoint, {"pack": server.pack_name}
+                # The first round runs 3 timed epochs to show memory stays flat.
+                other = server.pid if server is not None and backend != "remote" else None
+                r = bench_backend(backend, source, a, workers, 3 if rnd == 0 else 1, other, **kw)
+                r["limit"] = limits[-1]
+                runs[backend].append(r)
+                msg = (f"{statistics.median(r['rates']):.0f} images/s" if r["status"] == "ok"
+                       else f"unavailable: {r['reason']}")  # fmt: skip
+                print(f"round {rnd + 1}: {backend}: {msg} (decode limit {limits[-1]:.0f})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        if server is not None:
+            server_stats = server.stats()
+    finally:
+        limit.close()
+        if server is not None:
+            server.stop()
     results = []
     for backend in backends:
-        print(f"running {backend} ...", file=sys.stderr, flush=True)
+        rs = runs[backend]
+        if not rs or rs[0]["status"] != "ok":
+            results.append({"backend": backend, "status": "unavailable",
+                            "reason": rs[0]["reason"] if rs else "not run"})  # fmt: skip
+            continue
+        per_round = [statistics.median(r["rates"]) for r in rs]
+        ips = statistics.median(per_round)
+        row = {
+            "backend": backend, "status": "ok", "reason": "",
+            "images_per_s": ips,
+            "images_per_s_per_core": ips / workers,
+            "vs_decode_limit": statistics.median(x / r["limit"] for x, r in zip(per_round, rs)),
+            "cpu_util": statistics.median(c for r in rs for c in r["cpu"]),
+            "peak_rss_mb": round(max(r["peak_mb"] for r in rs), 1),
+            "memory_mb_per_epoch": rs[0]["memory_mb_per_epoch"],
+            "rounds": per_round,
+        }  # fmt: skip
+        if backend == "torch":
+            from datasvc.loaders.torchvision_loader import pil_info
+
+            row["pil"] = pil_info()
+        if backend == "custom":
+            from datasvc.decode import CROP_DECODER
+
+            row["decoder"] = CROP_DECODER
         if backend == "remote":
-            results.append(bench_remote(pack, a, workers))
-        else:
-            results.append(bench_backend(backend, pack, a, workers))
-        r = results[-1]
-        if r["status"] == "ok":
-            r["vs_decode_limit"] = r["images_per_s"] / limit["images_per_s"]
-            print(f"  {r['images_per_s']:.0f} images/s", file=sys.stderr)
-        else:
-            print(f"  unavailable: {r['reason']}", file=sys.stderr)
-    by = {r["backend"]: r for r in results if r["status"] == "ok"}
-    for r in results:
+            row.update(server_stats)
+        row["_per_round"] = per_round
+        results.append(row)
+    ok = {r["backend"]: r for r in results if r["status"] == "ok"}
+    for r in ok.values():
         for ref in ("torch", "dali_cpu"):
-            if r["status"] == "ok" and ref in by:
-                r[f"vs_{ref}"] = r["images_per_s"] / by[ref]["images_per_s"]
+            if ref in ok:
+                ratios = [x / y for x, y in zip(r["_per_round"], ok[ref]["_per_round"])]
+                r[f"vs_{ref}"] = statistics.median(ratios)
+    for r in ok.values():
+        r.pop("_per_round")
     config = {"pack": pack, "split": a.split, "batch_size": a.batch_size,
-              "image_size": a.image_size, "workers": workers, "repeats": a.repeats,
+              "image_size": a.image_size, "workers": workers, "rounds": a.repeats,
               "train": not a.eval}  # fmt: skip
-    return {"results": results, "decode_limit": limit, "config": config, "machine": machine()}
-
-
-def bench_remote(pack: str, a, workers: int) -> dict:
-    try:
-        from datasvc.service.local import LocalServer
-    except ImportError as e:
-        return {"backend": "remote", "status": "unavailable", "reason": f"service missing: {e}"}
-    with LocalServer([pack], workers=workers) as server:
-        return bench_backend("remote", pack, a, workers, server)
+    lim = {"images_per_s": statistics.median(limits), "rounds": limits, "images": limit.n,
+           "workers": workers, "decoder": "simplejpeg (libjpeg-turbo), full image, no resize"}  # fmt: skip
+    return {"results": results, "decode_limit": lim, "config": config, "machine": machine()}
 
 
 COLUMNS = [("backend", "backend"), ("images_per_s", "images/s"),

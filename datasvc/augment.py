@@ -3,11 +3,13 @@ process or server computes the same crop and flip for the same sample."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-import numpy as np
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,9 @@ class TransformConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     eval_resize: int | None = None
+    # Train decode with libjpeg's fast integer IDCT and plain upsampling, as FFCV does: ~5%
+    # faster, invisible after augmentation. Eval always decodes accurately.
+    fast_decode: bool = True
 
     def __post_init__(self):
         if not 8 <= self.image_size <= 1024:
@@ -61,12 +66,42 @@ class Crop(NamedTuple):
     flip: bool
 
 
-def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF,
-                                                     (epoch << 40) ^ sample_id]))  # fmt: skip
+class SampleRandom:
+    """A counter-based random stream keyed by ``(seed, epoch, sample id)``: BLAKE2b of the key
+    and a block counter, 8 draws of 64 bits per block. The same key gives the same stream in
+    any process; it costs a few microseconds where a numpy Generator costs ~30."""
+
+    __slots__ = ("_key", "_block", "_buf")
+
+    def __init__(self, seed: int, epoch: int, sample_id: int):
+        self._key = struct.pack("<QQQ", seed & _U64, epoch & _U64, sample_id & _U64)
+        self._block = 0
+        self._buf: list[int] = []
+
+    def _next(self) -> int:
+        if not self._buf:
+            digest = hashlib.blake2b(self._key + struct.pack("<Q", self._block)).digest()
+            self._buf = list(struct.unpack("<8Q", digest))[::-1]
+            self._block += 1
+        return self._buf.pop()
+
+    def random(self) -> float:
+        """Uniform in [0, 1) with 53 bits."""
+        return (self._next() >> 11) * (1.0 / 9007199254740992.0)
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * self.random()
+
+    def integers(self, lo: int, hi: int) -> int:
+        """Uniform integer in [lo, hi) (the modulo bias is below 2^-40 for image sizes)."""
+        return lo + self._next() % (hi - lo)
 
 
-def random_resized_crop(rng: np.random.Generator, height: int, width: int,
+def sample_rng(seed: int, epoch: int, sample_id: int) -> SampleRandom:
+    return SampleRandom(seed, epoch, sample_id)
+
+
+def random_resized_crop(rng: SampleRandom, height: int, width: int,
                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:  # fmt: skip
     """torchvision's RandomResizedCrop.get_params, fallback included: (top, left, h, w)."""
     area = height * width

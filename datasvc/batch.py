@@ -30,7 +30,7 @@ def fill_batch(split, ids: np.ndarray, cfg: TransformConfig, seed: int, epoch: i
         try:
             if cfg.train:
                 crop = train_crop(cfg, seed, epoch, int(sid), h, w)
-                decode_train(sample.image, crop, h, w, images[i], decoder)
+                decode_train(sample.image, crop, h, w, images[i], decoder, cfg.fast_decode)
             else:
                 decode_eval(sample.image, cfg, h, w, images[i])
         except DecodeError as e:

@@ -51,10 +51,11 @@ def _fallback_full(data: bytes) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
-def _simplejpeg_scaled(data: bytes, height: int, width: int, s: int) -> np.ndarray:
+def _simplejpeg_scaled(data: bytes, height: int, width: int, s: int, fast=False) -> np.ndarray:
     try:
         return simplejpeg.decode_jpeg(data, min_height=math.ceil(height / s),
-                                      min_width=math.ceil(width / s))  # fmt: skip
+                                      min_width=math.ceil(width / s), fastdct=fast,
+                                      fastupsample=fast)  # fmt: skip
     except ValueError:
         full = _fallback_full(data)
         if s == 1:
@@ -69,9 +70,9 @@ DECODERS = Registry("decoder")
 
 
 @DECODERS.register("simplejpeg")
-def decode_region_simplejpeg(data, top, left, h, w, s, height, width) -> np.ndarray:
+def decode_region_simplejpeg(data, top, left, h, w, s, height, width, fast=False) -> np.ndarray:
     """JPEG bytes → the scaled crop box, via a whole-image (DCT-scaled) decode and a slice."""
-    full = _simplejpeg_scaled(data, height, width, s)
+    full = _simplejpeg_scaled(data, height, width, s, fast)
     fy, fx = full.shape[0] / height, full.shape[1] / width
     y0, x0 = int(top * fy), int(left * fx)
     y1 = max(y0 + 1, min(full.shape[0], math.ceil((top + h) * fy)))
@@ -80,13 +81,13 @@ def decode_region_simplejpeg(data, top, left, h, w, s, height, width) -> np.ndar
 
 
 @DECODERS.register("turbo_crop")
-def decode_region_turbo(data, top, left, h, w, s, height, width) -> np.ndarray:
+def decode_region_turbo(data, top, left, h, w, s, height, width, fast=False) -> np.ndarray:
     """JPEG bytes → the scaled crop box, decoding only its rows and columns."""
     try:
-        buf, oh, ow = _jpegcrop.decode_crop(data, left, top, w, h, s)
+        buf, oh, ow = _jpegcrop.decode_crop(data, left, top, w, h, s, fast=fast)
     except ValueError as e:
         if "CMYK" in str(e) or "YCCK" in str(e):
-            return decode_region_simplejpeg(data, top, left, h, w, s, height, width)
+            return decode_region_simplejpeg(data, top, left, h, w, s, height, width, fast)
         raise DecodeError(str(e)) from None
     return np.frombuffer(buf, np.uint8).reshape(oh, ow, 3)
 
@@ -106,10 +107,11 @@ def image_size(data: bytes) -> tuple[int, int]:
         return full.shape[0], full.shape[1]
 
 
-def decode_full(data: bytes) -> np.ndarray:
-    """JPEG bytes → the whole HWC uint8 RGB image (the decode bound's unit of work)."""
+def decode_full(data: bytes, buffer=None) -> np.ndarray:
+    """JPEG bytes → the whole HWC uint8 RGB image (the decode bound's unit of work);
+    ``buffer``, if given, is a reusable bytearray to decode into."""
     try:
-        return simplejpeg.decode_jpeg(data)
+        return simplejpeg.decode_jpeg(data, buffer=buffer)
     except ValueError:
         return _fallback_full(data)
 
@@ -124,11 +126,11 @@ def _resize_into(src: np.ndarray, out: np.ndarray) -> None:
 
 
 def decode_train(data: bytes, crop: Crop, height: int, width: int, out: np.ndarray,
-                 decoder: str | None = None) -> None:  # fmt: skip
+                 decoder: str | None = None, fast: bool = False) -> None:  # fmt: skip
     """JPEG bytes → RandomResizedCrop + flip of ``crop`` written into ``out`` (S×S×3 uint8)."""
     s = dct_scale(crop.height, crop.width, out.shape[0], out.shape[1])
     region = DECODERS.get(decoder or CROP_DECODER)(data, crop.top, crop.left, crop.height,
-                                                   crop.width, s, height, width)  # fmt: skip
+                                                   crop.width, s, height, width, fast)  # fmt: skip
     _resize_into(region, out)
     if crop.flip:
         cv2.flip(out, 1, dst=out)

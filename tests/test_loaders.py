@@ -100,11 +100,14 @@ def test_same_seed_same_ids(backend, clean_pack):
 
 
 def test_custom_pixels_are_a_function_of_seed_epoch_id(clean_pack):
-    """Same pixels whatever the number of workers or where the epoch resumed."""
+    """Same pixels whatever the engine, the number of workers or where the epoch resumed."""
     a = collect(make("custom", clean_pack, seed=3, workers=1))
     b = collect(make("custom", clean_pack, seed=3, workers=2, prefetch=3))
-    for x, y in zip(a, b):
+    c = collect(make("custom", clean_pack, seed=3, workers=2, engine="thread"))
+    assert len(a) == len(b) == len(c) > 0
+    for x, y, z in zip(a, b, c):
         assert torch.equal(x.ids, y.ids) and torch.equal(x.images, y.images)
+        assert torch.equal(x.ids, z.ids) and torch.equal(x.images, z.images)
     loader = make("custom", clean_pack, seed=3, workers=2)
     loader.set_epoch(1)
     other = collect(loader)

@@ -1,6 +1,12 @@
-"""``custom``: our fastest CPU path. Worker processes each build whole batches (crop-aware
-decode, resize, flip) straight into slots of one anonymous shared mapping; the consumer copies a
-finished slot out once. The mapping has no name, so no crash can leave a segment behind."""
+"""``custom``: our fastest CPU path; whole batches (crop-aware decode, resize, flip) are built
+by workers of one of two engines:
+
+- ``engine="process"``: worker processes write into slots of one anonymous shared mapping and
+  the consumer copies a finished slot out once. The mapping has no name, so no crash can leave
+  a segment behind.
+- ``engine="thread"``: a thread pool in the consumer's process writes each batch straight into
+  the tensor that is handed out (the decoder and OpenCV release the GIL): no copy, no IPC.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import queue
 import signal
 import traceback
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,6 +24,7 @@ import torch
 from datasvc.batch import Batch, fill_batch
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers
+from datasvc.memory import recycle_large_allocations
 from datasvc.packs import CorruptSampleError, open_pack
 
 
@@ -72,15 +80,20 @@ def _shutdown(procs, tasks) -> None:
 class CustomLoader(Loader):
     """Batches built by ``workers`` processes into shared slots; ``prefetch`` batches ahead.
 
-    Options: ``prefetch`` (slots, default 2 per worker), ``decoder`` (a ``DECODERS`` name),
-    ``pin_memory``, ``drop_last``, ``timeout`` (seconds without any batch before failing).
+    Options: ``engine`` ('process' or 'thread'), ``prefetch`` (batches in flight, default 2
+    per worker), ``decoder`` (a ``DECODERS`` name), ``pin_memory``, ``drop_last``, ``timeout``
+    (seconds without any batch before failing).
     """
 
     backend = "custom"
 
     def __init__(self, source, *, split="train", batch_size=64, image_size=224, train=True,
                  rank=0, world_size=1, seed=0, workers=None, prefetch=None, decoder=None,
-                 pin_memory=False, drop_last=None, timeout=120.0):  # fmt: skip
+                 pin_memory=False, drop_last=None, timeout=120.0, engine="process"):  # fmt: skip
+        if engine not in ("process", "thread"):
+            raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
+        self.engine = engine
+        recycle_large_allocations()
         self.pack = open_pack(source)
         self.split = self.pack.split(split)
         super().__init__(len(self.split), batch_size=batch_size, image_size=image_size,
@@ -93,6 +106,7 @@ class CustomLoader(Loader):
         self.timeout = timeout
         self._procs: list = []
         self._finalizer = None
+        self._pool = None
 
     # --- worker pool ------------------------------------------------------------------------
 
@@ -114,7 +128,38 @@ class CustomLoader(Loader):
             p.start()
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks)
 
+    def _build(self, epoch: int, b: int) -> Batch:
+        """One whole batch, written straight into the tensor handed out (thread engine)."""
+        ids = self.sampler.batch(b)
+        s = self.cfg.image_size
+        images = torch.empty((len(ids), s, s, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
+        labels = torch.empty(len(ids), dtype=torch.int64)
+        fill_batch(self.split, ids, self.cfg, self.seed, epoch, images.numpy(), labels.numpy(),
+                   self.decoder)  # fmt: skip
+        return Batch(images.permute(0, 3, 1, 2), labels, torch.from_numpy(np.asarray(ids, np.int64)))
+
+    def _thread_batches(self, start: int):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="datasvc-custom")
+        end, epoch = len(self.sampler), self.sampler.epoch
+        futures = {}
+        try:
+            for want in range(start, end):
+                for b in range(want, min(end, want + self.prefetch)):
+                    if b not in futures:
+                        futures[b] = self._pool.submit(self._build, epoch, b)
+                yield futures.pop(want).result(timeout=self.timeout)
+        finally:
+            for f in futures.values():
+                f.cancel()
+            for f in futures.values():
+                if not f.cancelled():
+                    f.exception()  # wait: no thread may still be writing after we return
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         if self._finalizer is not None:
             self._finalizer()
         self._procs = []
@@ -141,6 +186,9 @@ class CustomLoader(Loader):
     # --- iteration --------------------------------------------------------------------------
 
     def _batches(self, start: int):
+        if self.engine == "thread":
+            yield from self._thread_batches(start)
+            return
         self._start()
         end = len(self.sampler)
         epoch = self.sampler.epoch

@@ -82,6 +82,56 @@ def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_th
     return pipe()
 
 
+def dali_inputs(cfg: TransformConfig, jpegs: list, labels, ids, geometry: list) -> tuple:
+    """One batch of external-source inputs. ``geometry`` per sample: a ``Crop`` (train) or
+    ``(resized h, resized w, top, left)`` (eval)."""
+    enc = [np.frombuffer(j, np.uint8) for j in jpegs]
+    lab = [np.array(x, np.int64) for x in labels]
+    idx = [np.array(x, np.int64) for x in ids]
+    if cfg.train:
+        anchors = [np.array([c.left, c.top], np.float32) for c in geometry]
+        shapes = [np.array([c.width, c.height], np.float32) for c in geometry]
+        flips = [np.array(int(c.flip), np.int32) for c in geometry]
+        return enc, lab, idx, anchors, shapes, flips
+    sizes = [np.array([g[0], g[1]], np.float32) for g in geometry]  # fn.resize size is (H, W)
+    anchors = [np.array([g[3], g[2]], np.float32) for g in geometry]
+    return enc, lab, idx, sizes, anchors
+
+
+def run_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_threads: int,
+                 device_id: int | None, batches, count: int, prefetch: int = 2):  # fmt: skip
+    """Yield ``count`` ``Batch`` objects; ``batches`` is an iterator of ``dali_inputs``."""
+
+    def source(info):
+        try:
+            return next(batches)
+        except StopIteration:
+            raise StopIteration from None
+
+    pipe = build_pipeline(cfg, device=device, batch_size=batch_size, num_threads=num_threads,
+                          device_id=device_id, source=source, prefetch=prefetch)  # fmt: skip
+    pipe.build()
+    try:
+        for _ in range(count):
+            images, labels, ids = pipe.run()
+            yield Batch(_images_to_torch(images, device, device_id),
+                        torch.from_numpy(np.array(labels.as_tensor())),
+                        torch.from_numpy(np.array(ids.as_tensor())))  # fmt: skip
+    finally:
+        del pipe
+
+
+def _images_to_torch(images, device: str, device_id: int | None) -> torch.Tensor:
+    if device == "gpu":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = images.as_tensor()
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=f"cuda:{device_id}")
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device_id))
+        return out.permute(0, 3, 1, 2)
+    return torch.from_numpy(np.array(images.as_tensor())).permute(0, 3, 1, 2)
+
+
 class DaliLoader(Loader):
     """A DALI pipeline per epoch pass, fed batch by batch from the sampler's listing."""
 
@@ -91,10 +141,7 @@ class DaliLoader(Loader):
                  rank=0, world_size=1, seed=0, workers=None, device_id=None, prefetch=2,
                  drop_last=None):  # fmt: skip
         import_dali()
-        if self.device == "gpu":
-            self.device_id = require_gpu(device_id)
-        else:
-            self.device_id = None
+        self.device_id = require_gpu(device_id) if self.device == "gpu" else None
         self.pack = open_pack(source)
         self.split = self.pack.split(split)
         super().__init__(len(self.split), batch_size=batch_size, image_size=image_size,
@@ -103,65 +150,27 @@ class DaliLoader(Loader):
         self.workers = max(1, workers or default_workers())
         self.prefetch = prefetch
 
-    def _feed(self, start: int, end: int, epoch: int):
-        """The external source: batch ``start + iteration`` of the listing."""
-        cfg, split = self.cfg, self.split
-
-        def source(info):
-            b = start + info.iteration
-            if b >= end:
-                raise StopIteration
+    def _inputs(self, start: int, end: int, epoch: int):
+        cfg = self.cfg
+        for b in range(start, end):
             ids = self.sampler.batch(b)
-            jpegs, anchors, shapes, flips, labels = [], [], [], [], []
-            for sid in ids:
-                smp = split[int(sid)]
-                jpegs.append(np.frombuffer(smp.image, np.uint8))
-                labels.append(np.array(smp.label, np.int64))
-                if cfg.train:
-                    c = train_crop(cfg, self.seed, epoch, int(sid), smp.height, smp.width)
-                    anchors.append(np.array([c.left, c.top], np.float32))
-                    shapes.append(np.array([c.width, c.height], np.float32))
-                    flips.append(np.array(int(c.flip), np.int32))
-                else:
-                    rh, rw, top, left = eval_geometry(cfg, smp.height, smp.width)
-                    shapes.append(np.array([rh, rw], np.float32))  # fn.resize size is (H, W)
-                    anchors.append(np.array([left, top], np.float32))
-            ids = [np.array(x, np.int64) for x in ids]
+            samples = [self.split[int(i)] for i in ids]
             if cfg.train:
-                return jpegs, labels, ids, anchors, shapes, flips
-            return jpegs, labels, ids, shapes, anchors
-
-        return source
+                geo = [train_crop(cfg, self.seed, epoch, int(i), s.height, s.width)
+                       for i, s in zip(ids, samples)]  # fmt: skip
+            else:
+                geo = [eval_geometry(cfg, s.height, s.width) for s in samples]
+            yield dali_inputs(cfg, [s.image for s in samples], [s.label for s in samples], ids,
+                              geo)  # fmt: skip
 
     def _batches(self, start: int):
         end = len(self.sampler)
         if start >= end:
             return
-        bs = self.batch_size
-        # DALI batches are fixed-size except through the source; the last eval batch may be
-        # smaller, which external_source supports (variable batch size).
-        pipe = build_pipeline(self.cfg, device=self.device, batch_size=bs,
-                              num_threads=self.workers, device_id=self.device_id,
-                              source=self._feed(start, end, self.sampler.epoch),
-                              prefetch=self.prefetch)  # fmt: skip
-        pipe.build()
-        try:
-            for _ in range(start, end):
-                images, labels, ids = pipe.run()
-                yield Batch(self._to_torch(images), torch.from_numpy(np.array(labels.as_tensor())),
-                            torch.from_numpy(np.array(ids.as_tensor())))  # fmt: skip
-        finally:
-            del pipe
-
-    def _to_torch(self, images):
-        if self.device == "gpu":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
-            t = images.as_tensor()
-            out = torch.empty(t.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
-            return out.permute(0, 3, 1, 2)
-        return torch.from_numpy(np.array(images.as_tensor())).permute(0, 3, 1, 2)
+        yield from run_pipeline(self.cfg, device=self.device, batch_size=self.batch_size,
+                                num_threads=self.workers, device_id=self.device_id,
+                                batches=self._inputs(start, end, self.sampler.epoch),
+                                count=end - start, prefetch=self.prefetch)  # fmt: skip
 
 
 @register_loader("dali_cpu")

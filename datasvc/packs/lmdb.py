@@ -126,7 +126,7 @@ def _read_txn(path: Path) -> lmdb.Transaction:
 
 
 def close_environments() -> None:
-    """Close this process's read-only environments (they reopen on next use)."""
+    """Close this process's read-only environments; readers must ``close()`` first."""
     for key, (pid, env, txn) in list(_ENVS.items()):
         if pid == os.getpid():
             txn.abort()
@@ -141,14 +141,22 @@ class LMDBShardReader:
         self.path = Path(path)
         self.verify = verify
         self._len = None
+        self._txn = None
+        self._pid = None
+
+    def _get_txn(self) -> lmdb.Transaction:
+        if self._pid != os.getpid() or self._txn is None:
+            self._txn = _read_txn(self.path)
+            self._pid = os.getpid()
+        return self._txn
 
     def __len__(self) -> int:
         if self._len is None:
-            self._len = _read_txn(self.path).stat()["entries"]
+            self._len = self._get_txn().stat()["entries"]
         return self._len
 
     def raw(self, index: int) -> bytes:
-        value = _read_txn(self.path).get(record_key(index))
+        value = self._get_txn().get(record_key(index))
         if value is None:
             raise IndexError(f"{self.path}: no record {index}")
         return value
@@ -161,7 +169,11 @@ class LMDBShardReader:
             yield self[i]
 
     def close(self) -> None:
-        """Nothing to release per reader: environments are shared per process."""
+        """Forget the handle; environments are shared per process and stay open."""
+        self._txn = self._pid = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_txn": None, "_pid": None}
 
 
 register_pack_format(PackFormat("lmdb", ".lmdb", LMDBShardWriter, LMDBShardReader))

@@ -1,0 +1,120 @@
+"""``remote``: batches from ``datasvc serve`` over ZeroMQ, with the same contract as every
+other loader. The client's cursor is the only progress state, so servers can die, restart
+or be added while an epoch runs. With ``decode='dali_gpu'`` (or its ``dali_cpu`` twin) the
+servers send encoded samples plus crop parameters and the trainer's GPU decodes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datasvc.augment import Crop
+from datasvc.batch import Batch
+from datasvc.loaders import register_loader
+from datasvc.loaders.base import Loader
+from datasvc.memory import recycle_large_allocations
+from datasvc.service.client import BatchClient, CurveKeys
+from datasvc.service.protocol import BatchRequest
+
+DECODE_MODES = ("server", "dali_cpu", "dali_gpu")
+
+
+@register_loader("remote")
+class RemoteLoader(Loader):
+    """Options: ``pack`` (its name on the server, required), ``credits`` (requests in flight
+    per endpoint), ``request_timeout``, ``dead_after`` (seconds with no answer before raising),
+    ``decode`` ('server', 'dali_cpu', 'dali_gpu'), ``curve_client_key``/``curve_server_key``
+    (key files from ``datasvc keys``), ``pin_memory``."""
+
+    backend = "remote"
+
+    def __init__(self, source, *, pack: str, split="train", batch_size=64, image_size=224,
+                 train=True, rank=0, world_size=1, seed=0, workers=None, credits=2,
+                 request_timeout=30.0, dead_after=60.0, decode="server", curve_client_key=None,
+                 curve_server_key=None, pin_memory=False, drop_last=None, device_id=None):  # fmt: skip
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        recycle_large_allocations()
+        curve = None
+        if curve_client_key or curve_server_key:
+            curve = CurveKeys.from_files(curve_client_key, curve_server_key)
+        self.client = BatchClient(source, credits=credits, request_timeout=request_timeout,
+                                  dead_after=dead_after, curve=curve)  # fmt: skip
+        try:
+            packs = self.client.call("ping")["packs"]
+            if pack not in packs:
+                raise KeyError(f"server has no pack {pack!r}; it serves {sorted(packs)}")
+            if split not in packs[pack]:
+                raise KeyError(f"pack {pack!r} has no split {split!r}; splits {list(packs[pack])}")
+        except BaseException:
+            self.client.close()
+            raise
+        super().__init__(packs[pack][split], batch_size=batch_size, image_size=image_size,
+                         train=train, rank=rank, world_size=world_size, seed=seed,
+                         drop_last=drop_last)  # fmt: skip
+        self.pack_name = pack
+        self.split_name = split
+        self.decode = decode
+        self.pin_memory = pin_memory
+        self.workers = workers or 1
+        self.device_id = device_id
+        if decode != "server":
+            from datasvc.loaders.dali import import_dali, require_gpu
+
+            import_dali()
+            if decode == "dali_gpu":
+                self.device_id = require_gpu(device_id)
+
+    def _requests(self, start: int, end: int) -> list[BatchRequest]:
+        s = self.sampler
+        op = "batch" if self.decode == "server" else "samples"
+        return [BatchRequest(self.pack_name, self.split_name, self.cfg.train, self.cfg.image_size,
+                             self.seed, s.epoch, s.rank, s.world_size, s.batch_size, b, op)
+                for b in range(start, end)]  # fmt: skip
+
+    def _batches(self, start: int):
+        end = len(self.sampler)
+        if start >= end:
+            return
+        replies = self.client.fetch(self._requests(start, end))
+        if self.decode == "server":
+            for header, frames in replies:
+                yield self._decoded(header, frames)
+        else:
+            from datasvc.loaders.dali import run_pipeline
+
+            device = "gpu" if self.decode == "dali_gpu" else "cpu"
+            yield from run_pipeline(self.cfg, device=device, batch_size=self.batch_size,
+                                    num_threads=self.workers, device_id=self.device_id,
+                                    batches=(self._encoded(h, f) for h, f in replies),
+                                    count=end - start)  # fmt: skip
+
+    def _decoded(self, header: dict, frames) -> Batch:
+        shape = tuple(header["shape"])
+        images = np.frombuffer(frames[1].buffer, np.uint8).reshape(shape)
+        out = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+        out.numpy()[...] = images
+        labels = torch.from_numpy(np.frombuffer(frames[2].buffer, np.int64).copy())
+        ids = torch.from_numpy(np.frombuffer(frames[3].buffer, np.int64).copy())
+        return Batch(out.permute(0, 3, 1, 2), labels, ids)
+
+    def _encoded(self, header: dict, frames):
+        from datasvc.loaders.dali import dali_inputs
+
+        blob = frames[1].buffer
+        jpegs, labels, ids, geo = [], [], [], []
+        offset = 0
+        for sid, label, _h, _w, size, *g in header["meta"]:
+            jpegs.append(blob[offset : offset + size])
+            offset += size
+            labels.append(label)
+            ids.append(sid)
+            geo.append(Crop(g[0], g[1], g[2], g[3], bool(g[4])) if self.cfg.train else tuple(g))
+        return dali_inputs(self.cfg, jpegs, labels, ids, geo)
+
+    def stats(self) -> dict:
+        return self.client.call("stats")["stats"]
+
+    def close(self) -> None:
+        if self.client.endpoints:
+            self.client.close()

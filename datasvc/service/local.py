@@ -1,0 +1,95 @@
+"""A ``datasvc serve`` subprocess on 127.0.0.1 (a free port), for benchmarks and tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_READY = re.compile(r"datasvc serve: (tcp://\S+) packs")
+
+
+class LocalServer:
+    """Start ``datasvc serve PACK... --bind tcp://127.0.0.1:*``; stop on exit or ``stop()``."""
+
+    def __init__(self, packs: list[str], workers: int = 2, bind: str = "tcp://127.0.0.1:*",
+                 extra: list[str] | None = None, startup_timeout: float = 60.0):  # fmt: skip
+        self.packs = [str(p) for p in packs]
+        self.workers = workers
+        self.bind = bind
+        self.extra = extra or []
+        self.startup_timeout = startup_timeout
+        self.proc = None
+        self.endpoint = None
+        self.log = None
+
+    @property
+    def pack_name(self) -> str:
+        first = self.packs[0]
+        return first.split("=", 1)[0] if "=" in first else Path(first.rstrip("/")).name
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self) -> LocalServer:
+        fd, log = tempfile.mkstemp(prefix="datasvc-serve-", suffix=".log")
+        os.close(fd)
+        self.log = Path(log)
+        cmd = [sys.executable, "-m", "datasvc.cli", "serve", *self.packs, "--bind", self.bind,
+               "--workers", str(self.workers), "--log-interval", "0", *self.extra]  # fmt: skip
+        root = Path(__file__).resolve().parents[2]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            m = _READY.search(self.log.read_text())
+            if m:
+                self.endpoint = m.group(1)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"datasvc serve exited ({self.proc.returncode}):\n"
+                                   f"{self.log.read_text()}")  # fmt: skip
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"datasvc serve did not start in {self.startup_timeout}s")
+
+    def kill(self) -> None:
+        """kill -9 the server and all its workers (its whole process group)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.log and self.log.exists():
+            self.log.unlink()
+
+    def stats(self) -> dict:
+        from datasvc.service.client import BatchClient
+
+        c = BatchClient(self.endpoint, dead_after=10)
+        try:
+            st = c.call("stats")["stats"]
+        finally:
+            c.close()
+        return {"server_images_per_s": st["images_per_s"], "bytes_per_image": st["bytes_per_image"],
+                "server_worker_busy": st["worker_busy"]}  # fmt: skip
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

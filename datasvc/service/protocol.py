@@ -1,0 +1,116 @@
+"""The wire format: multipart ZeroMQ messages, a msgpack header carrying the protocol version
+first, then raw buffers sent without copies. Never pickle; every request field is validated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST_BYTES = 64 * 1024  # ZMQ_MAXMSGSIZE on the server's socket: requests are tiny
+MAX_BATCH = 4096
+MAX_IMAGE_SIZE = 1024
+MAX_WORLD = 65536
+OPS = ("batch", "samples", "stats", "ping")
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; ``code`` is a short machine-readable name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Everything that determines a batch: the server keeps no progress state."""
+
+    pack: str
+    split: str
+    train: bool
+    image_size: int
+    seed: int
+    epoch: int
+    rank: int
+    world: int
+    batch_size: int
+    batch: int
+    op: str = "batch"  # "batch": decoded uint8 images; "samples": encoded bytes + crops
+
+    def key(self) -> tuple:
+        """Identifies the epoch listing this request indexes into."""
+        return (self.pack, self.split, self.train, self.seed, self.epoch, self.rank, self.world,
+                self.batch_size)  # fmt: skip
+
+
+_INT_FIELDS = {
+    "image_size": (8, MAX_IMAGE_SIZE),
+    "seed": (0, 2**63 - 1),
+    "epoch": (0, 10**7),
+    "rank": (0, MAX_WORLD - 1),
+    "world": (1, MAX_WORLD),
+    "batch_size": (1, MAX_BATCH),
+    "batch": (0, 2**40),
+}
+
+
+def pack_header(obj: dict) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, **obj}, use_bin_type=True)
+
+
+def unpack_header(frame: bytes) -> dict:
+    """A header frame → dict; checks the version first and names both on mismatch."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, max_str_len=4096, max_bin_len=4096,
+                                 max_array_len=64, max_map_len=64)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - any undecodable header
+        raise ProtocolError("malformed", f"header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("malformed", "header must be a msgpack map")
+    v = header.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version", f"protocol version {v!r} is not supported; this peer speaks {PROTOCOL_VERSION}"
+        )
+    return header
+
+
+def parse_request(frames: list) -> tuple[dict, BatchRequest | None]:
+    """Validate a client's frames → (header, BatchRequest or None for stats/ping)."""
+    if len(frames) != 1:
+        raise ProtocolError("malformed", f"a request is one frame, got {len(frames)}")
+    header = unpack_header(bytes(frames[0]))
+    op = header.get("op")
+    if op not in OPS:
+        raise ProtocolError("op", f"unknown op {op!r}; valid: {', '.join(OPS)}")
+    if op in ("stats", "ping"):
+        return header, None
+    fields = {}
+    for name, (lo, hi) in _INT_FIELDS.items():
+        value = header.get(name)
+        if type(value) is not int:
+            raise ProtocolError("field", f"{name} must be an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise ProtocolError("range", f"{name}={value} is outside [{lo}, {hi}]")
+        fields[name] = value
+    if fields["rank"] >= fields["world"]:
+        raise ProtocolError("range", f"rank {fields['rank']} is not below world {fields['world']}")
+    for name in ("pack", "split"):
+        value = header.get(name)
+        if not isinstance(value, str) or not 0 < len(value) <= 256:
+            raise ProtocolError("field", f"{name} must be a non-empty string")
+        fields[name] = value
+    if type(header.get("train")) is not bool:
+        raise ProtocolError("field", "train must be true or false")
+    return header, BatchRequest(train=header["train"], op=op, **fields)
+
+
+def request_header(req: BatchRequest, request_id: int) -> bytes:
+    return pack_header({**asdict(req), "id": request_id})
+
+
+def error_header(request_id, code: str, message: str) -> bytes:
+    rid = request_id if isinstance(request_id, int) else None
+    return pack_header({"id": rid, "ok": False, "error": code, "message": message[:2000]})
