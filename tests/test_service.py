@@ -1,0 +1,261 @@
+"""The service with real processes on 127.0.0.1: exact-once over ranks, kill -9 and restart,
+failover between servers, a fuzzer beside a valid client, and CURVE refusal."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from datasvc.loaders import create_loader
+from datasvc.packs import open_pack
+from datasvc.service.client import BatchClient, NoServerError, RemoteError
+from datasvc.service.local import LocalServer
+from datasvc.service.protocol import PROTOCOL_VERSION, BatchRequest, request_header
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def server(clean_pack):
+    with LocalServer([clean_pack], workers=1) as s:
+        yield s
+
+
+def remote(endpoint, pack="pack", **kw):
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("image_size", 64)
+    kw.setdefault("request_timeout", 5.0)
+    kw.setdefault("dead_after", 30.0)
+    return create_loader("remote", endpoint, pack=pack, **kw)
+
+
+def run(loader, limit=None):
+    with loader:
+        return list(itertools.islice(loader, limit))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_two_ranks_exact_once(server, clean_pack, train):
+    split = "train" if train else "val"
+    n = len(open_pack(clean_pack).split(split))
+    ids = []
+    counts = []
+    for rank in range(2):
+        got = run(remote(server.endpoint, split=split, train=train, rank=rank, world_size=2,
+                         batch_size=5))  # fmt: skip
+        counts.append(len(got))
+        ids += [i for b in got for i in b.ids.tolist()]
+    assert len(ids) == len(set(ids))
+    if train:
+        assert counts[0] == counts[1] and n - len(ids) < 10
+    else:
+        assert sorted(ids) == list(range(n))
+
+
+def test_same_batches_as_custom(server, clean_pack):
+    ours = run(remote(server.endpoint, seed=5))
+    local = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, seed=5,
+                              workers=1))  # fmt: skip
+    assert len(ours) == len(local) > 0
+    for a, b in zip(ours, local):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.images, b.images)
+
+
+def test_kill9_and_restart_mid_epoch(clean_pack):
+    """The clients finish the epoch with exactly the ids and pixels of an uninterrupted run."""
+    with LocalServer([clean_pack], workers=1) as first:
+        endpoint = first.endpoint
+        reference = [run(remote(endpoint, rank=r, world_size=2, seed=9)) for r in range(2)]
+        loaders = [remote(endpoint, rank=r, world_size=2, seed=9, request_timeout=1.0)
+                   for r in range(2)]  # fmt: skip
+        iters = [iter(l) for l in loaders]
+        got = [[next(it) for _ in range(2)] for it in iters]
+        first.kill()
+    # The server comes back 2.5 s later, after the clients' requests have timed out.
+    second = LocalServer([clean_pack], workers=1, bind=endpoint)
+    timer = threading.Timer(2.5, second.start)
+    timer.start()
+    try:
+        for r, it in enumerate(iters):
+            got[r] += list(it)
+    finally:
+        timer.join()
+        second.stop()
+    for l in loaders:
+        l.close()
+    for r in range(2):
+        assert len(got[r]) == len(reference[r])
+        for a, b in zip(got[r], reference[r]):
+            assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+    assert loaders[0].client.retries > 0  # the lost requests were asked again
+
+
+def test_two_servers_one_killed(clean_pack):
+    with LocalServer([clean_pack], workers=1) as a, LocalServer([clean_pack], workers=1) as b:
+        reference = run(remote(a.endpoint, seed=4))
+        loader = remote(f"{a.endpoint},{b.endpoint}", seed=4, request_timeout=1.0, credits=1)
+        it = iter(loader)
+        got = [next(it) for _ in range(2)]
+        a.kill()
+        got += list(it)
+        loader.close()
+    assert [x.ids.tolist() for x in got] == [x.ids.tolist() for x in reference]
+    assert all(torch.equal(x.images, y.images) for x, y in zip(got, reference))
+
+
+def _junk(rng: random.Random) -> list[bytes]:
+    good = {"v": PROTOCOL_VERSION, "op": "batch", "pack": "pack", "split": "train",
+            "train": True, "image_size": 64, "seed": 0, "epoch": 0, "rank": 0, "world": 1,
+            "batch_size": 8, "batch": 0, "id": 1}  # fmt: skip
+    choice = rng.randrange(12)
+    if choice == 0:
+        return [os.urandom(rng.randrange(0, 200))]
+    if choice == 1:
+        return [msgpack.packb([1, 2, 3])]
+    if choice == 2:
+        return [msgpack.packb({**good, "v": 99})]
+    if choice == 3:
+        bad = dict(good)
+        bad.pop(rng.choice([k for k in good if k != "id"]))  # "id" is optional
+        return [msgpack.packb(bad)]
+    if choice == 4:
+        return [msgpack.packb({**good, "batch_size": 10**9})]
+    if choice == 5:
+        return [msgpack.packb({**good, "image_size": -3})]
+    if choice == 6:
+        return [msgpack.packb({**good, "batch": 10**6})]
+    if choice == 7:
+        return [msgpack.packb({**good, "pack": "nope"})]
+    if choice == 8:
+        return [msgpack.packb(good), b"extra frame"]
+    if choice == 9:
+        return [msgpack.packb({**good, "rank": 3, "world": 2})]
+    if choice == 10:
+        return [msgpack.packb({**good, "image_size": "64"})]
+    return [msgpack.packb({**good, "op": "exec"})]
+
+
+def test_fuzz_while_a_valid_client_is_served(server, clean_pack):
+    rng = random.Random(0)
+    ctx = zmq.Context()
+    fuzzers = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    big = ctx.socket(zmq.DEALER)
+    silent = ctx.socket(zmq.DEALER)  # asks a lot and never reads
+    for s in [*fuzzers, big, silent]:
+        s.linger = 0
+        s.sndhwm = 10000
+        s.connect(server.endpoint)
+    big.send(b"x" * (1 << 20))  # over ZMQ_MAXMSGSIZE: the server drops this peer
+    req = BatchRequest("pack", "train", True, 64, 0, 0, 0, 1, 8, 0)
+    for i in range(200):
+        silent.send(request_header(req, i))
+    errors = 0
+    expected = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, workers=1))
+    loader = remote(server.endpoint)
+    try:
+        for k, batch in enumerate(loader):
+            for _ in range(20):
+                rng.choice(fuzzers).send_multipart(_junk(rng))
+            assert torch.equal(batch.ids, expected[k].ids)
+            assert torch.equal(batch.images, expected[k].images)
+        for f in fuzzers:  # malformed requests got error replies
+            while f.poll(200):
+                reply = msgpack.unpackb(f.recv_multipart()[0])
+                assert reply["ok"] is False and reply["error"]
+                errors += 1
+    finally:
+        loader.close()
+        for s in [*fuzzers, big, silent]:
+            s.close(0)
+        ctx.term()
+    assert errors > 50
+    c = BatchClient(server.endpoint, dead_after=10)
+    try:
+        stats = c.call("stats")["stats"]
+    finally:
+        c.close()
+    assert stats["errors"] >= errors and stats["batches"] > 0
+
+
+def test_error_reply_names_the_problem(server):
+    c = BatchClient(server.endpoint, dead_after=10, request_timeout=5)
+    try:
+        req = BatchRequest("pack", "nope", True, 64, 0, 0, 0, 1, 8, 0)
+        with pytest.raises(RemoteError, match="no split 'nope'"):
+            list(c.fetch([req]))
+    finally:
+        c.close()
+
+
+def test_gpu_decode_mode_with_dali_cpu_twin(server, clean_pack):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    decoded_here = run(remote(server.endpoint, decode="dali_cpu", seed=2, workers=1))
+    decoded_there = run(remote(server.endpoint, seed=2))
+    assert len(decoded_here) == len(decoded_there) > 0
+    for a, b in zip(decoded_here, decoded_there):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)
+        diff = (a.images.float() - b.images.float()).abs().mean()
+        assert diff < 12, f"the same crops decoded elsewhere differ by {diff:.1f} levels"
+
+
+def test_curve_refuses_unknown_key(tmp_path, clean_pack):
+    from datasvc.service.auth import write_keypair
+
+    allowed = tmp_path / "allowed"
+    write_keypair(tmp_path / "server", "server")
+    pub, _ = write_keypair(tmp_path / "clients", "alice")
+    allowed.mkdir()
+    (allowed / "alice.key").write_bytes(pub.read_bytes())
+    write_keypair(tmp_path / "strangers", "mallory")
+    extra = ["--curve-secret", str(tmp_path / "server" / "server.key_secret"),
+             "--curve-allow", str(allowed)]  # fmt: skip
+    with LocalServer([clean_pack], workers=1, extra=extra) as s:
+        server_pub = str(tmp_path / "server" / "server.key")
+        ok = remote(s.endpoint, curve_client_key=str(tmp_path / "clients" / "alice.key_secret"),
+                    curve_server_key=server_pub)  # fmt: skip
+        assert len(run(ok, 2)) == 2
+        with pytest.raises(NoServerError):
+            remote(s.endpoint, curve_client_key=str(tmp_path / "strangers" / "mallory.key_secret"),
+                   curve_server_key=server_pub, dead_after=3.0)  # fmt: skip
+        with pytest.raises(NoServerError):  # and plain TCP gets nothing either
+            remote(s.endpoint, dead_after=3.0)
+
+
+def test_refuses_plain_tcp_beyond_loopback(clean_pack, tmp_path):
+    from datasvc.cli import main
+
+    assert main(["serve", str(clean_pack), "--bind", "tcp://0.0.0.0:0"]) == 2
+
+
+def test_no_server_raises_instead_of_hanging():
+    with pytest.raises(NoServerError, match="no datasvc server"):
+        remote("tcp://127.0.0.1:9", dead_after=1.5)
+
+
+def test_server_memory_flat_over_epochs(server):
+    import psutil
+
+    loader = remote(server.endpoint)
+    proc = psutil.Process(server.pid)
+
+    def tree_mb():
+        procs = [proc, *proc.children(recursive=True)]
+        return sum(p.memory_full_info().pss for p in procs) / 2**20
+
+    sizes = []
+    with loader:
+        for epoch in range(4):
+            loader.set_epoch(epoch)
+            for _ in loader:
+                pass
+            sizes.append(tree_mb())
+    assert max(sizes[1:]) - min(sizes[1:]) < 64, sizes
