@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 EXTRAS ?= test,dali
+PILLOW_SIMD ?= 1
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml setup.py scripts/install-apt.sh datasvc/_jpegcrop.c
+$(STAMP): pyproject.toml setup.py scripts/install-apt.sh scripts/install-pillow-simd.sh datasvc/_jpegcrop.c
 	scripts/install-apt.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	if [ "$(PILLOW_SIMD)" = 1 ]; then scripts/install-pillow-simd.sh $(BIN)/python; fi
 	$(BIN)/python -c "import datasvc.decode as d; print('crop-aware decoder:', d.CROP_DECODER)"
 	touch $@
 
@@ -26,7 +28,7 @@ demo: install
 	$(BIN)/datasvc bench $(OUT)/packs/sample-lmdb --json $(OUT)/bench.json --plot $(OUT)/bench.png
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
