@@ -52,17 +52,27 @@ def run(tree: Path, workers: int, repeats: int) -> dict:
         rows.append({"case": "JPEG decode only, 1 core", "images_per_s": single})
         rows.append({"case": f"JPEG decode only, {workers} processes", "images_per_s": bound})
         for label, max_side in (("pass-through", None), ("--max-side 512", 512)):
-            def once():
+
+            def once(max_side=max_side):
                 out = work / "pack"
                 shutil.rmtree(out, ignore_errors=True)
-                convert(tree, out, ConvertConfig(workers=workers, max_side=max_side,
-                                                 shards=4 * workers), progress=False)  # fmt: skip
+                convert(
+                    tree,
+                    out,
+                    ConvertConfig(workers=workers, max_side=max_side, shards=4 * workers),
+                    progress=False,
+                )
 
             t, _ = timed_median(once, repeats)
             rate = n / t
-            rows.append({"case": f"convert {label}, {workers} workers", "images_per_s": rate,
-                         "per_worker_vs_1core_decode": rate / workers / single,
-                         "vs_decode_bound": rate / bound})  # fmt: skip
+            rows.append(
+                {
+                    "case": f"convert {label}, {workers} workers",
+                    "images_per_s": rate,
+                    "per_worker_vs_1core_decode": rate / workers / single,
+                    "vs_decode_bound": rate / bound,
+                }
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"images": n, "workers": workers, "rows": rows}
@@ -88,9 +98,12 @@ def main(argv=None) -> int:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    cols = [("case", "case"), ("images_per_s", "images/s"),
-            ("per_worker_vs_1core_decode", "per worker / 1-core decode"),
-            ("vs_decode_bound", f"vs {a.workers}-process decode")]  # fmt: skip
+    cols = [
+        ("case", "case"),
+        ("images_per_s", "images/s"),
+        ("per_worker_vs_1core_decode", "per worker / 1-core decode"),
+        ("vs_decode_bound", f"vs {a.workers}-process decode"),
+    ]
     for r in res["rows"]:
         for k in ("per_worker_vs_1core_decode", "vs_decode_bound"):
             if k in r:
@@ -98,8 +111,13 @@ def main(argv=None) -> int:
     print(f"{res['images']} images, median of {a.repeats}")
     print(markdown_table(res["rows"], cols))
     write_json(a.json, {"benchmark": "convert", "config": vars(a) | {"tree": str(a.tree)}, **res})
-    bar_plot(a.plot, [r["case"] for r in res["rows"]], [r["images_per_s"] for r in res["rows"]],
-             "Conversion vs JPEG decode bound", "images/s")  # fmt: skip
+    bar_plot(
+        a.plot,
+        [r["case"] for r in res["rows"]],
+        [r["images_per_s"] for r in res["rows"]],
+        "Conversion vs JPEG decode bound",
+        "images/s",
+    )
     print(f"wrote {a.json} and {a.plot}")
     return 0
 

@@ -31,8 +31,12 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=None, help="worker processes/threads "
-                   "(default: the cores this process may use)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes/threads (default: the cores this process may use)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="rounds over all backends")
     p.add_argument("--eval", action="store_true", help="eval transform instead of train")
     p.add_argument("--json", default=None, help="write results as JSON")
@@ -155,15 +159,23 @@ class DecodeLimit:
         self.pool.join()
 
 
-def bench_backend(backend: str, source: str, a, workers: int, epochs: int,
-                  exclude: int | None = None, **kw) -> dict:  # fmt: skip
+def bench_backend(
+    backend: str, source: str, a, workers: int, epochs: int, exclude: int | None = None, **kw
+) -> dict:
     """One run: build the loader, one warm-up epoch, then ``epochs`` timed epochs."""
     from datasvc.loaders import create_loader
 
     try:
-        loader = create_loader(backend, source, split=a.split, batch_size=a.batch_size,
-                               image_size=a.image_size, train=not a.eval, workers=workers,
-                               **kw)  # fmt: skip
+        loader = create_loader(
+            backend,
+            source,
+            split=a.split,
+            batch_size=a.batch_size,
+            image_size=a.image_size,
+            train=not a.eval,
+            workers=workers,
+            **kw,
+        )
     except (ImportError, RuntimeError, KeyError) as e:
         return {"status": "unavailable", "reason": str(e).splitlines()[0]}
     mon = TreeMonitor(exclude=exclude)  # this process and its children (workers, a server)
@@ -183,8 +195,14 @@ def bench_backend(backend: str, source: str, a, workers: int, epochs: int,
                     cpu.append(used / dt / workers)
     finally:
         loader.close()
-    return {"status": "ok", "rates": rates, "cpu": cpu, "peak_mb": mon.peak_mb,
-            "memory_mb_per_epoch": mems, "epoch_images": n}  # fmt: skip
+    return {
+        "status": "ok",
+        "rates": rates,
+        "cpu": cpu,
+        "peak_mb": mon.peak_mb,
+        "memory_mb_per_epoch": mems,
+        "epoch_images": n,
+    }
 
 
 def run(a) -> dict:
@@ -194,8 +212,11 @@ def run(a) -> dict:
     pack = str(a.pack or sample_pack())
     workers = a.workers or len(os.sched_getaffinity(0))
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    print(f"pack {pack}, split {a.split}, batch {a.batch_size}, image {a.image_size}, "
-          f"{workers} workers, {a.repeats} rounds (warm-up epoch excluded)", file=sys.stderr)  # fmt: skip
+    print(
+        f"pack {pack}, split {a.split}, batch {a.batch_size}, image {a.image_size}, "
+        f"{workers} workers, {a.repeats} rounds (warm-up epoch excluded)",
+        file=sys.stderr,
+    )
     limit = DecodeLimit(pack, a.split, workers)
     server = None
     if "remote" in backends:
@@ -214,8 +235,9 @@ def run(a) -> dict:
                 kw, source = {}, pack
                 if backend == "remote":
                     if server is None:
-                        runs[backend].append({"status": "unavailable",
-                                              "reason": "local server did not start"})  # fmt: skip
+                        runs[backend].append(
+                            {"status": "unavailable", "reason": "local server did not start"}
+                        )
                         continue
                     source, kw = server.endpoint, {"pack": server.pack_name}
                 # The first round runs 3 timed epochs to show memory stays flat.
@@ -223,10 +245,16 @@ def run(a) -> dict:
                 r = bench_backend(backend, source, a, workers, 3 if rnd == 0 else 1, other, **kw)
                 r["limit"] = limits[-1]
                 runs[backend].append(r)
-                msg = (f"{statistics.median(r['rates']):.0f} images/s" if r["status"] == "ok"
-                       else f"unavailable: {r['reason']}")  # fmt: skip
-                print(f"round {rnd + 1}: {backend}: {msg} (decode limit {limits[-1]:.0f})",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                msg = (
+                    f"{statistics.median(r['rates']):.0f} images/s"
+                    if r["status"] == "ok"
+                    else f"unavailable: {r['reason']}"
+                )
+                print(
+                    f"round {rnd + 1}: {backend}: {msg} (decode limit {limits[-1]:.0f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if server is not None:
             server_stats = server.stats()
     finally:
@@ -237,13 +265,20 @@ def run(a) -> dict:
     for backend in backends:
         rs = runs[backend]
         if not rs or rs[0]["status"] != "ok":
-            results.append({"backend": backend, "status": "unavailable",
-                            "reason": rs[0]["reason"] if rs else "not run"})  # fmt: skip
+            results.append(
+                {
+                    "backend": backend,
+                    "status": "unavailable",
+                    "reason": rs[0]["reason"] if rs else "not run",
+                }
+            )
             continue
         per_round = [statistics.median(r["rates"]) for r in rs]
         ips = statistics.median(per_round)
         row = {
-            "backend": backend, "status": "ok", "reason": "",
+            "backend": backend,
+            "status": "ok",
+            "reason": "",
             "images_per_s": ips,
             "images_per_s_per_core": ips / workers,
             "vs_decode_limit": statistics.median(x / r["limit"] for x, r in zip(per_round, rs)),
@@ -251,7 +286,7 @@ def run(a) -> dict:
             "peak_rss_mb": round(max(r["peak_mb"] for r in rs), 1),
             "memory_mb_per_epoch": rs[0]["memory_mb_per_epoch"],
             "rounds": per_round,
-        }  # fmt: skip
+        }
         if backend == "torch":
             from datasvc.loaders.torchvision_loader import pil_info
 
@@ -272,18 +307,36 @@ def run(a) -> dict:
                 r[f"vs_{ref}"] = statistics.median(ratios)
     for r in ok.values():
         r.pop("_per_round")
-    config = {"pack": pack, "split": a.split, "batch_size": a.batch_size,
-              "image_size": a.image_size, "workers": workers, "rounds": a.repeats,
-              "train": not a.eval}  # fmt: skip
-    lim = {"images_per_s": statistics.median(limits), "rounds": limits, "images": limit.n,
-           "workers": workers, "decoder": "simplejpeg (libjpeg-turbo), full image, no resize"}  # fmt: skip
+    config = {
+        "pack": pack,
+        "split": a.split,
+        "batch_size": a.batch_size,
+        "image_size": a.image_size,
+        "workers": workers,
+        "rounds": a.repeats,
+        "train": not a.eval,
+    }
+    lim = {
+        "images_per_s": statistics.median(limits),
+        "rounds": limits,
+        "images": limit.n,
+        "workers": workers,
+        "decoder": "simplejpeg (libjpeg-turbo), full image, no resize",
+    }
     return {"results": results, "decode_limit": lim, "config": config, "machine": machine()}
 
 
-COLUMNS = [("backend", "backend"), ("images_per_s", "images/s"),
-           ("images_per_s_per_core", "per core"), ("vs_decode_limit", "vs decode limit"),
-           ("vs_torch", "vs torch"), ("vs_dali_cpu", "vs dali_cpu"), ("cpu_util", "CPU util"),
-           ("peak_rss_mb", "peak MB"), ("reason", "note")]  # fmt: skip
+COLUMNS = [
+    ("backend", "backend"),
+    ("images_per_s", "images/s"),
+    ("images_per_s_per_core", "per core"),
+    ("vs_decode_limit", "vs decode limit"),
+    ("vs_torch", "vs torch"),
+    ("vs_dali_cpu", "vs dali_cpu"),
+    ("cpu_util", "CPU util"),
+    ("peak_rss_mb", "peak MB"),
+    ("reason", "note"),
+]
 
 
 def format_table(res: dict) -> str:
@@ -303,9 +356,15 @@ def format_table(res: dict) -> str:
             row["reason"] = f"{r['bytes_per_image'] / 1024:.0f} KiB/image on the wire"
         rows.append(row)
     lim = res["decode_limit"]
-    rows.append({"backend": "decode limit", "images_per_s": lim["images_per_s"],
-                 "images_per_s_per_core": lim["images_per_s"] / lim["workers"],
-                 "vs_decode_limit": "1.00", "reason": "full decode, no resize"})  # fmt: skip
+    rows.append(
+        {
+            "backend": "decode limit",
+            "images_per_s": lim["images_per_s"],
+            "images_per_s_per_core": lim["images_per_s"] / lim["workers"],
+            "vs_decode_limit": "1.00",
+            "reason": "full decode, no resize",
+        }
+    )
     return markdown_table(rows, COLUMNS)
 
 
@@ -317,10 +376,15 @@ def main(a) -> int:
         print(f"wrote {a.json}")
     if a.plot:
         ok = [r for r in res["results"] if r["status"] == "ok"]
-        bar_plot(a.plot, [r["backend"] for r in ok], [r["images_per_s"] for r in ok],
-                 f"Loader throughput, {res['config']['workers']} workers, batch "
-                 f"{res['config']['batch_size']}, {res['config']['image_size']}px",
-                 "images/s", ("full-decode bound", res["decode_limit"]["images_per_s"]))  # fmt: skip
+        bar_plot(
+            a.plot,
+            [r["backend"] for r in ok],
+            [r["images_per_s"] for r in ok],
+            f"Loader throughput, {res['config']['workers']} workers, batch "
+            f"{res['config']['batch_size']}, {res['config']['image_size']}px",
+            "images/s",
+            ("full-decode bound", res["decode_limit"]["images_per_s"]),
+        )
         print(f"wrote {a.plot}")
     return 0
 

@@ -26,8 +26,13 @@ def machine() -> dict:
 
 def commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         return None
 
@@ -45,8 +50,12 @@ def timed_median(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]
 
 
 def write_json(path, payload: dict) -> None:
-    payload = {**payload, "machine": payload.get("machine") or machine(), "commit": commit(),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    payload = {
+        **payload,
+        "machine": payload.get("machine") or machine(),
+        "commit": commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1) + "\n")
 
@@ -65,8 +74,14 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def bar_plot(path, labels: list[str], values: list[float], title: str, xlabel: str,
-             reference: tuple[str, float] | None = None) -> None:  # fmt: skip
+def bar_plot(
+    path,
+    labels: list[str],
+    values: list[float],
+    title: str,
+    xlabel: str,
+    reference: tuple[str, float] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

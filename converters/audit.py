@@ -15,8 +15,15 @@ from PIL import Image, UnidentifiedImageError
 Image.MAX_IMAGE_PIXELS = None
 cv2.setNumThreads(1)
 
-_FORMAT_KIND = {"PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tiff",
-                "PPM": "ppm", "MPO": "mpo"}  # fmt: skip
+_FORMAT_KIND = {
+    "PNG": "png",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "WEBP": "webp",
+    "TIFF": "tiff",
+    "PPM": "ppm",
+    "MPO": "mpo",
+}
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,9 @@ def _fit(arr: np.ndarray, max_side: int | None) -> np.ndarray:
 
 
 def _encode(arr: np.ndarray, quality: int) -> bytes:
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")  # fmt: skip
+    return simplejpeg.encode_jpeg(
+        np.ascontiguousarray(arr), quality=quality, colorspace="RGB", colorsubsampling="420"
+    )
 
 
 def _audit_rgb_jpeg(data: bytes, height: int, width: int, cfg: AuditConfig) -> Audited:
@@ -98,7 +106,9 @@ def _audit_rgb_jpeg(data: bytes, height: int, width: int, cfg: AuditConfig) -> A
     except ValueError as e:
         raise Rejected(f"corrupt or truncated JPEG: {e}") from None
     if arr.shape[:2] != (height, width):
-        raise Rejected(f"header says {width}x{height}, data decodes to {arr.shape[1]}x{arr.shape[0]}")
+        raise Rejected(
+            f"header says {width}x{height}, data decodes to {arr.shape[1]}x{arr.shape[0]}"
+        )
     return Audited(data, height, width, "jpeg")
 
 

@@ -199,8 +199,10 @@ def convert(
         "source": str(src.resolve()),
         "options": cfg.plan_options(),
         "classes": classes,
-        "splits": {l.name: {"candidates": len(l.candidates), "listing": listing_digest(l)}
-                   for l in listings},  # fmt: skip
+        "splits": {
+            l.name: {"candidates": len(l.candidates), "listing": listing_digest(l)}
+            for l in listings
+        },
     }
     state = out / STATE_DIR
     manifest_path = out / MANIFEST_NAME
@@ -274,8 +276,10 @@ def _run_jobs(todo, out, cfg, classes, total, progress, done) -> None:
     except BaseException:
         pool.terminate()
         bar.close()
-        print(f"\ninterrupted: {len(done)} shards finished; re-run the same command to resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"\ninterrupted: {len(done)} shards finished; re-run the same command to resume",
+            file=sys.stderr,
+        )
         raise
     finally:
         pool.join()
@@ -295,8 +299,10 @@ def _write_manifest(out, src, cfg, plan, classes, listings, jobs, done, fmt) -> 
             rejected.extend(r["rejected"])
         with open(out / l.name / "rejected.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rejected)
-        shards = [{k: r[k] for k in ("file", "num_records", "image_bytes", "digest", "index")
-                   if k in r} for r in records]  # fmt: skip
+        shards = [
+            {k: r[k] for k in ("file", "num_records", "image_bytes", "digest", "index") if k in r}
+            for r in records
+        ]
         passed = audit.pop("jpeg", 0)
         n_rej = audit.pop("rejected", 0)
         split_audit = {
@@ -307,8 +313,15 @@ def _write_manifest(out, src, cfg, plan, classes, listings, jobs, done, fmt) -> 
             "rejected_reasons": dict(Counter(r["reason"].split(":")[0] for r in rejected)),
             "ignored": len(l.ignored),
         }
-        totals.update({"candidates": len(l.candidates), "passed": passed, "rejected": n_rej,
-                       "converted": sum(audit.values()), "ignored": len(l.ignored)})  # fmt: skip
+        totals.update(
+            {
+                "candidates": len(l.candidates),
+                "passed": passed,
+                "rejected": n_rej,
+                "converted": sum(audit.values()),
+                "ignored": len(l.ignored),
+            }
+        )
         splits[l.name] = {
             "num_samples": sum(s["num_records"] for s in shards),
             "shards": shards,

@@ -101,8 +101,9 @@ def sample_rng(seed: int, epoch: int, sample_id: int) -> SampleRandom:
     return SampleRandom(seed, epoch, sample_id)
 
 
-def random_resized_crop(rng: SampleRandom, height: int, width: int,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:  # fmt: skip
+def random_resized_crop(
+    rng: SampleRandom, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params, fallback included: (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -127,8 +128,9 @@ def random_resized_crop(rng: SampleRandom, height: int, width: int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_crop(cfg: TransformConfig, seed: int, epoch: int, sample_id: int,
-               height: int, width: int) -> Crop:  # fmt: skip
+def train_crop(
+    cfg: TransformConfig, seed: int, epoch: int, sample_id: int, height: int, width: int
+) -> Crop:
     """The train crop and flip of one sample: a pure function of its arguments."""
     rng = sample_rng(seed, epoch, sample_id)
     top, left, h, w = random_resized_crop(rng, height, width, cfg.scale, cfg.ratio)

@@ -20,8 +20,16 @@ class Batch(NamedTuple):
     ids: object
 
 
-def fill_batch(split, ids: np.ndarray, cfg: TransformConfig, seed: int, epoch: int,
-               images: np.ndarray, labels: np.ndarray, decoder: str | None = None) -> None:  # fmt: skip
+def fill_batch(
+    split,
+    ids: np.ndarray,
+    cfg: TransformConfig,
+    seed: int,
+    epoch: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    decoder: str | None = None,
+) -> None:
     """Decode and augment the samples ``ids`` of ``split`` into ``images`` (N×S×S×3 uint8)
     and ``labels`` (N int64). Augmentation is a pure function of (seed, epoch, id)."""
     for i, sid in enumerate(ids):
@@ -42,5 +50,8 @@ def to_torch(images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> Batch:
     """NHWC numpy arrays → a ``Batch`` of torch tensors with images viewed as N×3×S×S."""
     import torch
 
-    return Batch(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels),
-                 torch.from_numpy(np.asarray(ids, dtype=np.int64)))  # fmt: skip
+    return Batch(
+        torch.from_numpy(images).permute(0, 3, 1, 2),
+        torch.from_numpy(labels),
+        torch.from_numpy(np.asarray(ids, dtype=np.int64)),
+    )

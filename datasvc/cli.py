@@ -21,10 +21,16 @@ def _cmd_convert(a) -> int:
 
     try:
         cfg = ConvertConfig(
-            format=a.format, shards=a.shards, shard_size=a.shard_size, workers=a.workers,
-            max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels, strict=a.strict,
+            format=a.format,
+            shards=a.shards,
+            shard_size=a.shard_size,
+            workers=a.workers,
+            max_side=a.max_side,
+            quality=a.quality,
+            max_pixels=a.max_pixels,
+            strict=a.strict,
             seed=a.seed,
-        )  # fmt: skip
+        )
         m = convert(a.src, a.out, cfg, a.split, a.val_labels, a.val_synsets, progress=not a.quiet)
     except (ConversionError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"datasvc convert: error: {e}", file=sys.stderr)
@@ -33,9 +39,11 @@ def _cmd_convert(a) -> int:
         return 130
     for name, s in m["splits"].items():
         au = s["audit"]
-        print(f"{name}: {s['num_samples']} images in {len(s['shards'])} shards; passed "
-              f"{au['passed']}, converted {au['converted']}, rejected {au['rejected']}, "
-              f"ignored {au['ignored']}")  # fmt: skip
+        print(
+            f"{name}: {s['num_samples']} images in {len(s['shards'])} shards; passed "
+            f"{au['passed']}, converted {au['converted']}, rejected {au['rejected']}, "
+            f"ignored {au['ignored']}"
+        )
     print(f"wrote {a.out}/manifest.json")
     return 0
 
@@ -110,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-pixels", type=int, default=178_956_970, help="decompression-bomb cap")
     c.add_argument("--strict", action="store_true", help="any rejected file is an error")
     c.add_argument("--seed", type=int, default=0, help="seed of the train shard order")
-    c.add_argument("--val-labels", help="labels of a flat val folder (LOC_val_solution.csv or "
-                   "ILSVRC2012_validation_ground_truth.txt)")  # fmt: skip
+    c.add_argument(
+        "--val-labels",
+        help="labels of a flat val folder (LOC_val_solution.csv or "
+        "ILSVRC2012_validation_ground_truth.txt)",
+    )
     c.add_argument("--val-synsets", help="devkit ID → wnid list, with the ground-truth file")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(fn=_cmd_convert)

@@ -53,15 +53,20 @@ def _fallback_full(data: bytes) -> np.ndarray:
 
 def _simplejpeg_scaled(data: bytes, height: int, width: int, s: int, fast=False) -> np.ndarray:
     try:
-        return simplejpeg.decode_jpeg(data, min_height=math.ceil(height / s),
-                                      min_width=math.ceil(width / s), fastdct=fast,
-                                      fastupsample=fast)  # fmt: skip
+        return simplejpeg.decode_jpeg(
+            data,
+            min_height=math.ceil(height / s),
+            min_width=math.ceil(width / s),
+            fastdct=fast,
+            fastupsample=fast,
+        )
     except ValueError:
         full = _fallback_full(data)
         if s == 1:
             return full
-        return cv2.resize(full, (math.ceil(width / s), math.ceil(height / s)),
-                          interpolation=cv2.INTER_AREA)  # fmt: skip
+        return cv2.resize(
+            full, (math.ceil(width / s), math.ceil(height / s)), interpolation=cv2.INTER_AREA
+        )
 
 
 # --- region decoders: (data, top, left, h, w, scale, H, W) → HWC of the scaled box --------
@@ -121,23 +126,33 @@ def _resize_into(src: np.ndarray, out: np.ndarray) -> None:
     so bilinear suffices there (INTER_AREA costs ~4x more); larger factors use INTER_AREA."""
     oh, ow = out.shape[:2]
     big_shrink = src.shape[0] >= 2 * oh or src.shape[1] >= 2 * ow
-    cv2.resize(src, (ow, oh), dst=out,
-               interpolation=cv2.INTER_AREA if big_shrink else cv2.INTER_LINEAR)  # fmt: skip
+    cv2.resize(
+        src, (ow, oh), dst=out, interpolation=cv2.INTER_AREA if big_shrink else cv2.INTER_LINEAR
+    )
 
 
-def decode_train(data: bytes, crop: Crop, height: int, width: int, out: np.ndarray,
-                 decoder: str | None = None, fast: bool = False) -> None:  # fmt: skip
+def decode_train(
+    data: bytes,
+    crop: Crop,
+    height: int,
+    width: int,
+    out: np.ndarray,
+    decoder: str | None = None,
+    fast: bool = False,
+) -> None:
     """JPEG bytes → RandomResizedCrop + flip of ``crop`` written into ``out`` (S×S×3 uint8)."""
     s = dct_scale(crop.height, crop.width, out.shape[0], out.shape[1])
-    region = DECODERS.get(decoder or CROP_DECODER)(data, crop.top, crop.left, crop.height,
-                                                   crop.width, s, height, width, fast)  # fmt: skip
+    region = DECODERS.get(decoder or CROP_DECODER)(
+        data, crop.top, crop.left, crop.height, crop.width, s, height, width, fast
+    )
     _resize_into(region, out)
     if crop.flip:
         cv2.flip(out, 1, dst=out)
 
 
-def decode_eval(data: bytes, cfg: TransformConfig, height: int, width: int,
-                out: np.ndarray) -> None:  # fmt: skip
+def decode_eval(
+    data: bytes, cfg: TransformConfig, height: int, width: int, out: np.ndarray
+) -> None:
     """JPEG bytes → resize shorter side + center crop, written into ``out`` (S×S×3 uint8)."""
     rh, rw, top, left = eval_geometry(cfg, height, width)
     s = dct_scale(height, width, rh, rw)

@@ -12,14 +12,38 @@ from PIL import Image
 
 # Photos that ship inside scikit-image (no download); grayscale ones are expanded to RGB.
 _PHOTOS = [
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
-    "motorcycle_left.png", "retina.jpg", "ihc.png", "brick.png", "grass.png", "gravel.png",
-    "camera.png", "moon.png", "coins.png", "page.png", "cell.png",
-]  # fmt: skip
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "ihc.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "camera.png",
+    "moon.png",
+    "coins.png",
+    "page.png",
+    "cell.png",
+]
 
 # (width, height) of ImageNet-like frames: mostly 500 on the long side, some large.
-_SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (400, 300),
-          (640, 480), (500, 500), (1024, 768), (1280, 853), (300, 225)]  # fmt: skip
+_SIZES = [
+    (500, 375),
+    (375, 500),
+    (500, 333),
+    (333, 500),
+    (500, 400),
+    (400, 300),
+    (640, 480),
+    (500, 500),
+    (1024, 768),
+    (1280, 853),
+    (300, 225),
+]
 _SIZE_P = np.array([30, 12, 12, 5, 8, 5, 6, 6, 6, 4, 6], float)
 
 
@@ -89,7 +113,11 @@ def write_sample(
             for i in range(n):
                 photo = photos[base] if rng.random() < 0.7 else photos[rng.integers(len(photos))]
                 img = _render(rng, photo, tint)
-                name = f"{wnid}_{i + 1}.JPEG" if split == "train" else f"ILSVRC_val_{k:04d}{i:04d}.JPEG"
+                name = (
+                    f"{wnid}_{i + 1}.JPEG"
+                    if split == "train"
+                    else f"ILSVRC_val_{k:04d}{i:04d}.JPEG"
+                )
                 buf = io.BytesIO()
                 quality = int(rng.integers(85, 96))
                 kind = "rgb"

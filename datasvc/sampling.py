@@ -27,8 +27,17 @@ class EpochSampler:
     from the same global position (``offset + batches_done * world * batch_size``).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -89,12 +98,20 @@ class EpochSampler:
         self.batches_done += n
 
     def global_position(self) -> int:
-        return min(self.num_samples, self.offset + self.batches_done * self.world_size * self.batch_size)
+        return min(
+            self.num_samples, self.offset + self.batches_done * self.world_size * self.batch_size
+        )
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "offset": self.offset,
-                "world_size": self.world_size, "batch_size": self.batch_size,
-                "seed": self.seed, "num_samples": self.num_samples}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "offset": self.offset,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: same world and batch size → exactly the remaining batches; otherwise the

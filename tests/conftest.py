@@ -50,7 +50,7 @@ def odd_files(rng) -> dict[str, tuple[bytes, str]]:
         return buf.getvalue()
 
     rgba = _img(rng, 60, 80, "RGBA")
-    i16 = Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).convert("I;16")
+    i16 = Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).convert("I;16")
     return {
         "odd_cmyk.JPEG": (save(_img(rng, 90, 120, "CMYK"), "JPEG", quality=90), "cmyk"),
         "odd_gray.JPEG": (save(_img(rng, 90, 120, "L"), "JPEG", quality=90), "grayscale"),

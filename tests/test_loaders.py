@@ -77,8 +77,9 @@ def test_exact_once_over_ranks(backend, world, train, clean_pack):
     n = len(open_pack(clean_pack).split(split))
     ids, per_rank = [], []
     for r in range(world):
-        loader = make(backend, clean_pack, split=split, train=train, rank=r, world_size=world,
-                      batch_size=5)  # fmt: skip
+        loader = make(
+            backend, clean_pack, split=split, train=train, rank=r, world_size=world, batch_size=5
+        )
         loader.set_epoch(2)
         got = [b.ids for b in collect(loader)]
         per_rank.append(len(got))
@@ -144,8 +145,9 @@ def _reference_eval(data: bytes, size: int) -> np.ndarray:
     from PIL import Image
     from torchvision import transforms
 
-    t = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))),
-                            transforms.CenterCrop(size)])  # fmt: skip
+    t = transforms.Compose(
+        [transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size)]
+    )
     return np.asarray(t(Image.open(io.BytesIO(data)).convert("RGB")))
 
 

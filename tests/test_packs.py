@@ -26,8 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, check=True, **kw):
-    r = subprocess.run([sys.executable, "-m", "datasvc.cli", *map(str, args)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, **kw)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "datasvc.cli", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"datasvc {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
@@ -95,16 +101,25 @@ def test_class_index_matches_torchvision(tree, lmdb_pack):
 
 
 def test_strict_fails_on_rejection(tree, tmp_path):
-    r = cli("convert", tree, tmp_path / "p", "--strict", "--max-pixels", TEST_MAX_PIXELS, "-q",
-            check=False)  # fmt: skip
+    r = cli(
+        "convert",
+        tree,
+        tmp_path / "p",
+        "--strict",
+        "--max-pixels",
+        TEST_MAX_PIXELS,
+        "-q",
+        check=False,
+    )
     assert r.returncode == 2 and "rejected" in r.stderr
     assert not (tmp_path / "p" / MANIFEST_NAME).exists()
 
 
 def test_deterministic(tree, tmp_path, lmdb_pack):
     out = tmp_path / "again"
-    convert(tree, out, ConvertConfig(shards=3, max_pixels=TEST_MAX_PIXELS, workers=1),
-            progress=False)  # fmt: skip
+    convert(
+        tree, out, ConvertConfig(shards=3, max_pixels=TEST_MAX_PIXELS, workers=1), progress=False
+    )
     a = json.loads((lmdb_pack / MANIFEST_NAME).read_text())
     b = json.loads((out / MANIFEST_NAME).read_text())
     assert a["splits"] == b["splits"]
@@ -171,8 +186,19 @@ def test_resume_after_kill9(tmp_path):
     """kill -9 mid-conversion; the re-run keeps finished shards and ends identical."""
     src = make_tree(tmp_path / "src", classes=8, per_class=80, val_per_class=4, oddities=False)
     out = tmp_path / "pack"
-    args = [sys.executable, "-m", "datasvc.cli", "convert", str(src), str(out),
-            "--shards", "16", "--workers", "1", "-q"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "datasvc.cli",
+        "convert",
+        str(src),
+        str(out),
+        "--shards",
+        "16",
+        "--workers",
+        "1",
+        "-q",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True)
     done = out / ".convert" / "done"
     deadline = time.time() + 120

@@ -11,8 +11,7 @@ from datasvc.sampling import EpochSampler
 def rank_batches(n, bs, world, train, epoch=0, seed=0):
     out = []
     for r in range(world):
-        s = EpochSampler(n, bs, rank=r, world_size=world, seed=seed, shuffle=train,
-                         drop_last=train)  # fmt: skip
+        s = EpochSampler(n, bs, rank=r, world_size=world, seed=seed, shuffle=train, drop_last=train)
         s.set_epoch(epoch)
         out.append([s.batch(b) for b in range(len(s))])
     return out

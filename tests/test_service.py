@@ -9,7 +9,6 @@ import random
 import threading
 
 import msgpack
-import numpy as np
 import pytest
 import torch
 import zmq
@@ -49,8 +48,9 @@ def test_two_ranks_exact_once(server, clean_pack, train):
     ids = []
     counts = []
     for rank in range(2):
-        got = run(remote(server.endpoint, split=split, train=train, rank=rank, world_size=2,
-                         batch_size=5))  # fmt: skip
+        got = run(
+            remote(server.endpoint, split=split, train=train, rank=rank, world_size=2, batch_size=5)
+        )
         counts.append(len(got))
         ids += [i for b in got for i in b.ids.tolist()]
     assert len(ids) == len(set(ids))
@@ -62,8 +62,7 @@ def test_two_ranks_exact_once(server, clean_pack, train):
 
 def test_same_batches_as_custom(server, clean_pack):
     ours = run(remote(server.endpoint, seed=5))
-    local = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, seed=5,
-                              workers=1))  # fmt: skip
+    local = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, seed=5, workers=1))
     assert len(ours) == len(local) > 0
     for a, b in zip(ours, local):
         assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)
@@ -75,8 +74,9 @@ def test_kill9_and_restart_mid_epoch(clean_pack):
     with LocalServer([clean_pack], workers=1) as first:
         endpoint = first.endpoint
         reference = [run(remote(endpoint, rank=r, world_size=2, seed=9)) for r in range(2)]
-        loaders = [remote(endpoint, rank=r, world_size=2, seed=9, request_timeout=1.0)
-                   for r in range(2)]  # fmt: skip
+        loaders = [
+            remote(endpoint, rank=r, world_size=2, seed=9, request_timeout=1.0) for r in range(2)
+        ]
         iters = [iter(l) for l in loaders]
         got = [[next(it) for _ in range(2)] for it in iters]
         first.kill()
@@ -113,9 +113,21 @@ def test_two_servers_one_killed(clean_pack):
 
 
 def _junk(rng: random.Random) -> list[bytes]:
-    good = {"v": PROTOCOL_VERSION, "op": "batch", "pack": "pack", "split": "train",
-            "train": True, "image_size": 64, "seed": 0, "epoch": 0, "rank": 0, "world": 1,
-            "batch_size": 8, "batch": 0, "id": 1}  # fmt: skip
+    good = {
+        "v": PROTOCOL_VERSION,
+        "op": "batch",
+        "pack": "pack",
+        "split": "train",
+        "train": True,
+        "image_size": 64,
+        "seed": 0,
+        "epoch": 0,
+        "rank": 0,
+        "world": 1,
+        "batch_size": 8,
+        "batch": 0,
+        "id": 1,
+    }
     choice = rng.randrange(12)
     if choice == 0:
         return [os.urandom(rng.randrange(0, 200))]
@@ -216,16 +228,27 @@ def test_curve_refuses_unknown_key(tmp_path, clean_pack):
     allowed.mkdir()
     (allowed / "alice.key").write_bytes(pub.read_bytes())
     write_keypair(tmp_path / "strangers", "mallory")
-    extra = ["--curve-secret", str(tmp_path / "server" / "server.key_secret"),
-             "--curve-allow", str(allowed)]  # fmt: skip
+    extra = [
+        "--curve-secret",
+        str(tmp_path / "server" / "server.key_secret"),
+        "--curve-allow",
+        str(allowed),
+    ]
     with LocalServer([clean_pack], workers=1, extra=extra) as s:
         server_pub = str(tmp_path / "server" / "server.key")
-        ok = remote(s.endpoint, curve_client_key=str(tmp_path / "clients" / "alice.key_secret"),
-                    curve_server_key=server_pub)  # fmt: skip
+        ok = remote(
+            s.endpoint,
+            curve_client_key=str(tmp_path / "clients" / "alice.key_secret"),
+            curve_server_key=server_pub,
+        )
         assert len(run(ok, 2)) == 2
         with pytest.raises(NoServerError):
-            remote(s.endpoint, curve_client_key=str(tmp_path / "strangers" / "mallory.key_secret"),
-                   curve_server_key=server_pub, dead_after=3.0)  # fmt: skip
+            remote(
+                s.endpoint,
+                curve_client_key=str(tmp_path / "strangers" / "mallory.key_secret"),
+                curve_server_key=server_pub,
+                dead_after=3.0,
+            )
         with pytest.raises(NoServerError):  # and plain TCP gets nothing either
             remote(s.endpoint, dead_after=3.0)
 

@@ -4,6 +4,7 @@ script writes them, encoded here by the protobuf library rather than by our own 
 from __future__ import annotations
 
 import glob
+
 import numpy as np
 import pytest
 
@@ -16,8 +17,9 @@ def _example_class():
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="tf_example_test.proto", package="tftest",
-                                             syntax="proto3")  # fmt: skip
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="tf_example_test.proto", package="tftest", syntax="proto3"
+    )
 
     bl = fdp.message_type.add(name="BytesList")
     bl.field.add(name="value", number=1, type=F.TYPE_BYTES, label=F.LABEL_REPEATED)
@@ -32,19 +34,40 @@ def _example_class():
     for num, (name, tname) in enumerate(
         [("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")], 1
     ):
-        feat.field.add(name=name, number=num, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                       type_name=f".tftest.{tname}", oneof_index=0)  # fmt: skip
+        feat.field.add(
+            name=name,
+            number=num,
+            type=F.TYPE_MESSAGE,
+            label=F.LABEL_OPTIONAL,
+            type_name=f".tftest.{tname}",
+            oneof_index=0,
+        )
     feats = fdp.message_type.add(name="Features")
     entry = feats.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                    type_name=".tftest.Feature")  # fmt: skip
-    feats.field.add(name="feature", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
-                    type_name=".tftest.Features.FeatureEntry")  # fmt: skip
+    entry.field.add(
+        name="value",
+        number=2,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_OPTIONAL,
+        type_name=".tftest.Feature",
+    )
+    feats.field.add(
+        name="feature",
+        number=1,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_REPEATED,
+        type_name=".tftest.Features.FeatureEntry",
+    )
     ex = fdp.message_type.add(name="Example")
-    ex.field.add(name="features", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                 type_name=".tftest.Features")  # fmt: skip
+    ex.field.add(
+        name="features",
+        number=1,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_OPTIONAL,
+        type_name=".tftest.Features",
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tftest.Example"))
@@ -87,14 +110,26 @@ def test_reads_tensorflow_script_shards(tmp_path, clean_pack):
             for k in range(shard * 10, shard * 10 + 10):
                 s = split[k]
                 name = s.key.split("/")[-1]
-                data = _tf_script_example(Example, s.image, s.label + 1, src.classes[s.label],
-                                          name, s.height, s.width)  # fmt: skip
+                data = _tf_script_example(
+                    Example, s.image, s.label + 1, src.classes[s.label], name, s.height, s.width
+                )
                 f.write(frame(data))
                 expected.append((s.image, s.label, name))
     with open(tmp_path / "validation-00000-of-00001", "wb") as f:
         s = src.split("val")[0]
-        f.write(frame(_tf_script_example(Example, s.image, s.label + 1, src.classes[s.label],
-                                         "ILSVRC2012_val_00000001.JPEG", s.height, s.width)))
+        f.write(
+            frame(
+                _tf_script_example(
+                    Example,
+                    s.image,
+                    s.label + 1,
+                    src.classes[s.label],
+                    "ILSVRC2012_val_00000001.JPEG",
+                    s.height,
+                    s.width,
+                )
+            )
+        )
     pack = open_pack(tmp_path)
     train = pack.split("train")
     assert len(train) == 20 and len(pack.split("val")) == 1
@@ -120,7 +155,7 @@ def test_our_examples_parse_with_protobuf(tfrecord_pack):
 
 def test_framing_crc_is_tensorflows():
     # CRC32C's check value is 0xE3069283; TensorFlow masks it as rotr15 + 0xA282EAD8.
-    assert masked_crc(b"123456789") == 0xc78ab0e5
+    assert masked_crc(b"123456789") == 0xC78AB0E5
     rec = frame(b"abc")
     assert unframe(rec, "x") == b"abc"
     bad = bytearray(rec)
@@ -147,13 +182,16 @@ def test_dali_reads_our_shards(tfrecord_pack):
     @dali.pipeline_def(batch_size=8, num_threads=1, device_id=None)
     def pipe():
         inp = fn.readers.tfrecord(
-            path=files, index_path=index, random_shuffle=False, name="reader",
+            path=files,
+            index_path=index,
+            random_shuffle=False,
+            name="reader",
             features={
                 "image/encoded": tfrec.FixedLenFeature((), tfrec.string, ""),
                 "image/class/label": tfrec.FixedLenFeature([1], tfrec.int64, -1),
                 "image/filename": tfrec.FixedLenFeature((), tfrec.string, ""),
             },
-        )  # fmt: skip
+        )
         img = fn.decoders.image(inp["image/encoded"], device="cpu")
         return img, inp["image/class/label"], inp["image/filename"]
 

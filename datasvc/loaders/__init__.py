@@ -17,15 +17,35 @@ def list_loaders() -> list[str]:
     return LOADERS.names()
 
 
-def create_loader(backend: str, source, *, split: str = "train", batch_size: int = 64,
-                  image_size: int = 224, train: bool = True, rank: int = 0, world_size: int = 1,
-                  seed: int = 0, workers: int | None = None, **options):  # fmt: skip
+def create_loader(
+    backend: str,
+    source,
+    *,
+    split: str = "train",
+    batch_size: int = 64,
+    image_size: int = 224,
+    train: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    workers: int | None = None,
+    **options,
+):
     """Build a loader: ``backend`` one of ``list_loaders()``; ``source`` a pack path (or, for
     ``torch``, an ImageFolder tree; for ``remote``, endpoint(s)). Extra ``options`` go to the
     backend (e.g. ``pin_memory``, ``prefetch``, ``decoder``, ``pack`` for ``remote``)."""
-    return LOADERS.get(backend)(source, split=split, batch_size=batch_size, image_size=image_size,
-                                train=train, rank=rank, world_size=world_size, seed=seed,
-                                workers=workers, **options)  # fmt: skip
+    return LOADERS.get(backend)(
+        source,
+        split=split,
+        batch_size=batch_size,
+        image_size=image_size,
+        train=train,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        workers=workers,
+        **options,
+    )
 
 
 # Register the built-in backends (each imports its heavy dependencies only when used).

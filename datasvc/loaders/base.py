@@ -23,14 +23,29 @@ class Loader:
 
     backend = "base"
 
-    def __init__(self, num_samples: int, *, batch_size: int, image_size: int, train: bool,
-                 rank: int, world_size: int, seed: int, drop_last: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        batch_size: int,
+        image_size: int,
+        train: bool,
+        rank: int,
+        world_size: int,
+        seed: int,
+        drop_last: bool | None = None,
+    ):
         self.cfg = TransformConfig(train=train, image_size=image_size)
         self.seed = seed
         self.sampler = EpochSampler(
-            num_samples, batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=train,
+            num_samples,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=train,
             drop_last=train if drop_last is None else drop_last,
-        )  # fmt: skip
+        )
         self.data_wait: list[float] = []  # seconds the consumer waited for each batch
 
     @property

@@ -87,18 +87,41 @@ class CustomLoader(Loader):
 
     backend = "custom"
 
-    def __init__(self, source, *, split="train", batch_size=64, image_size=224, train=True,
-                 rank=0, world_size=1, seed=0, workers=None, prefetch=None, decoder=None,
-                 pin_memory=False, drop_last=None, timeout=120.0, engine="process"):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        *,
+        split="train",
+        batch_size=64,
+        image_size=224,
+        train=True,
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=None,
+        prefetch=None,
+        decoder=None,
+        pin_memory=False,
+        drop_last=None,
+        timeout=120.0,
+        engine="process",
+    ):
         if engine not in ("process", "thread"):
             raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
         self.engine = engine
         recycle_large_allocations()
         self.pack = open_pack(source)
         self.split = self.pack.split(split)
-        super().__init__(len(self.split), batch_size=batch_size, image_size=image_size,
-                         train=train, rank=rank, world_size=world_size, seed=seed,
-                         drop_last=drop_last)  # fmt: skip
+        super().__init__(
+            len(self.split),
+            batch_size=batch_size,
+            image_size=image_size,
+            train=train,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.workers = max(1, workers or default_workers())
         self.prefetch = max(2, prefetch or 2 * self.workers)
         self.decoder = decoder
@@ -119,9 +142,20 @@ class CustomLoader(Loader):
         self._results = ctx.Queue()
         self.split.close()  # each worker opens its own read-only handles
         self._procs = [
-            ctx.Process(target=_worker_main, daemon=True, name=f"datasvc-custom-{i}",
-                        args=(self.split, self.cfg, self.seed, self._ring, self.decoder,
-                              self._tasks, self._results))  # fmt: skip
+            ctx.Process(
+                target=_worker_main,
+                daemon=True,
+                name=f"datasvc-custom-{i}",
+                args=(
+                    self.split,
+                    self.cfg,
+                    self.seed,
+                    self._ring,
+                    self.decoder,
+                    self._tasks,
+                    self._results,
+                ),
+            )
             for i in range(self.workers)
         ]
         for p in self._procs:
@@ -134,9 +168,19 @@ class CustomLoader(Loader):
         s = self.cfg.image_size
         images = torch.empty((len(ids), s, s, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
         labels = torch.empty(len(ids), dtype=torch.int64)
-        fill_batch(self.split, ids, self.cfg, self.seed, epoch, images.numpy(), labels.numpy(),
-                   self.decoder)  # fmt: skip
-        return Batch(images.permute(0, 3, 1, 2), labels, torch.from_numpy(np.asarray(ids, np.int64)))
+        fill_batch(
+            self.split,
+            ids,
+            self.cfg,
+            self.seed,
+            epoch,
+            images.numpy(),
+            labels.numpy(),
+            self.decoder,
+        )
+        return Batch(
+            images.permute(0, 3, 1, 2), labels, torch.from_numpy(np.asarray(ids, np.int64))
+        )
 
     def _thread_batches(self, start: int):
         if self._pool is None:
@@ -181,7 +225,9 @@ class CustomLoader(Loader):
                     self.close()
                     raise RuntimeError(f"custom loader worker died ({codes})") from None
                 if waited >= self.timeout:
-                    raise TimeoutError(f"no batch from the custom loader in {self.timeout:.0f}s")
+                    raise TimeoutError(
+                        f"no batch from the custom loader in {self.timeout:.0f}s"
+                    ) from None
 
     # --- iteration --------------------------------------------------------------------------
 

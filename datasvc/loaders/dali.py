@@ -18,8 +18,10 @@ from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers
 from datasvc.packs import open_pack
 
-INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'datasvc[dali]' "
-                "(nvidia-dali-cuda120; or the [dali-cuda130] / [dali-cuda110] extras)")  # fmt: skip
+INSTALL_HINT = (
+    "NVIDIA DALI is not installed: pip install 'datasvc[dali]' "
+    "(nvidia-dali-cuda120; or the [dali-cuda130] / [dali-cuda110] extras)"
+)
 
 
 def import_dali():
@@ -40,8 +42,16 @@ def require_gpu(device_id: int | None) -> int:
     return 0 if device_id is None else int(device_id)
 
 
-def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_threads: int,
-                   device_id: int | None, source, prefetch: int = 2):  # fmt: skip
+def build_pipeline(
+    cfg: TransformConfig,
+    *,
+    device: str,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    source,
+    prefetch: int = 2,
+):
     """The pipeline both backends share: ``device`` is 'cpu' or 'gpu'.
 
     ``source(batch_info)`` returns (jpegs, labels, ids, anchors, shapes, flips) per train
@@ -53,8 +63,13 @@ def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_th
     decoder_device = "mixed" if device == "gpu" else "cpu"
     s = cfg.image_size
 
-    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                       prefetch_queue_depth=prefetch, py_start_method="fork")  # fmt: skip
+    @dali.pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        py_start_method="fork",
+    )
     def pipe():
         dtypes = [types.UINT8, types.INT64, types.INT64]
         dtypes += [types.FLOAT, types.FLOAT, types.INT32] if cfg.train else [types.FLOAT] * 2
@@ -64,19 +79,32 @@ def build_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_th
         if cfg.train:
             anchors, shapes, flips = crop
             images = fn.decoders.image_slice(
-                jpegs, anchors, shapes, device=decoder_device, output_type=types.RGB,
-                normalized_anchor=False, normalized_shape=False, axis_names="WH",
-            )  # fmt: skip
-            images = fn.resize(images, resize_x=s, resize_y=s, antialias=True,
-                               interp_type=types.INTERP_LINEAR)  # fmt: skip
+                jpegs,
+                anchors,
+                shapes,
+                device=decoder_device,
+                output_type=types.RGB,
+                normalized_anchor=False,
+                normalized_shape=False,
+                axis_names="WH",
+            )
+            images = fn.resize(
+                images, resize_x=s, resize_y=s, antialias=True, interp_type=types.INTERP_LINEAR
+            )
             images = fn.flip(images, horizontal=flips)
         else:
             # Sizes and crop offsets exactly as torchvision's Resize + CenterCrop compute them.
             sizes, anchors = crop
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
             images = fn.resize(images, size=sizes, antialias=True, interp_type=types.INTERP_LINEAR)
-            images = fn.slice(images, anchors, np.array([s, s], np.float32), axis_names="WH",
-                              normalized_anchor=False, normalized_shape=False)  # fmt: skip
+            images = fn.slice(
+                images,
+                anchors,
+                np.array([s, s], np.float32),
+                axis_names="WH",
+                normalized_anchor=False,
+                normalized_shape=False,
+            )
         return images, labels, ids
 
     return pipe()
@@ -98,8 +126,17 @@ def dali_inputs(cfg: TransformConfig, jpegs: list, labels, ids, geometry: list) 
     return enc, lab, idx, sizes, anchors
 
 
-def run_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_threads: int,
-                 device_id: int | None, batches, count: int, prefetch: int = 2):  # fmt: skip
+def run_pipeline(
+    cfg: TransformConfig,
+    *,
+    device: str,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    batches,
+    count: int,
+    prefetch: int = 2,
+):
     """Yield ``count`` ``Batch`` objects; ``batches`` is an iterator of ``dali_inputs``."""
 
     def source(info):
@@ -108,15 +145,24 @@ def run_pipeline(cfg: TransformConfig, *, device: str, batch_size: int, num_thre
         except StopIteration:
             raise StopIteration from None
 
-    pipe = build_pipeline(cfg, device=device, batch_size=batch_size, num_threads=num_threads,
-                          device_id=device_id, source=source, prefetch=prefetch)  # fmt: skip
+    pipe = build_pipeline(
+        cfg,
+        device=device,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        source=source,
+        prefetch=prefetch,
+    )
     pipe.build()
     try:
         for _ in range(count):
             images, labels, ids = pipe.run()
-            yield Batch(_images_to_torch(images, device, device_id),
-                        torch.from_numpy(np.array(labels.as_tensor())),
-                        torch.from_numpy(np.array(ids.as_tensor())))  # fmt: skip
+            yield Batch(
+                _images_to_torch(images, device, device_id),
+                torch.from_numpy(np.array(labels.as_tensor())),
+                torch.from_numpy(np.array(ids.as_tensor())),
+            )
     finally:
         del pipe
 
@@ -137,16 +183,36 @@ class DaliLoader(Loader):
 
     device = "cpu"
 
-    def __init__(self, source, *, split="train", batch_size=64, image_size=224, train=True,
-                 rank=0, world_size=1, seed=0, workers=None, device_id=None, prefetch=2,
-                 drop_last=None):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        *,
+        split="train",
+        batch_size=64,
+        image_size=224,
+        train=True,
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=None,
+        device_id=None,
+        prefetch=2,
+        drop_last=None,
+    ):
         import_dali()
         self.device_id = require_gpu(device_id) if self.device == "gpu" else None
         self.pack = open_pack(source)
         self.split = self.pack.split(split)
-        super().__init__(len(self.split), batch_size=batch_size, image_size=image_size,
-                         train=train, rank=rank, world_size=world_size, seed=seed,
-                         drop_last=drop_last)  # fmt: skip
+        super().__init__(
+            len(self.split),
+            batch_size=batch_size,
+            image_size=image_size,
+            train=train,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.workers = max(1, workers or default_workers())
         self.prefetch = prefetch
 
@@ -156,21 +222,28 @@ class DaliLoader(Loader):
             ids = self.sampler.batch(b)
             samples = [self.split[int(i)] for i in ids]
             if cfg.train:
-                geo = [train_crop(cfg, self.seed, epoch, int(i), s.height, s.width)
-                       for i, s in zip(ids, samples)]  # fmt: skip
+                geo = [
+                    train_crop(cfg, self.seed, epoch, int(i), s.height, s.width)
+                    for i, s in zip(ids, samples)
+                ]
             else:
                 geo = [eval_geometry(cfg, s.height, s.width) for s in samples]
-            yield dali_inputs(cfg, [s.image for s in samples], [s.label for s in samples], ids,
-                              geo)  # fmt: skip
+            yield dali_inputs(cfg, [s.image for s in samples], [s.label for s in samples], ids, geo)
 
     def _batches(self, start: int):
         end = len(self.sampler)
         if start >= end:
             return
-        yield from run_pipeline(self.cfg, device=self.device, batch_size=self.batch_size,
-                                num_threads=self.workers, device_id=self.device_id,
-                                batches=self._inputs(start, end, self.sampler.epoch),
-                                count=end - start, prefetch=self.prefetch)  # fmt: skip
+        yield from run_pipeline(
+            self.cfg,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_threads=self.workers,
+            device_id=self.device_id,
+            batches=self._inputs(start, end, self.sampler.epoch),
+            count=end - start,
+            prefetch=self.prefetch,
+        )
 
 
 @register_loader("dali_cpu")

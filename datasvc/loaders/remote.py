@@ -28,18 +28,42 @@ class RemoteLoader(Loader):
 
     backend = "remote"
 
-    def __init__(self, source, *, pack: str, split="train", batch_size=64, image_size=224,
-                 train=True, rank=0, world_size=1, seed=0, workers=None, credits=2,
-                 request_timeout=30.0, dead_after=60.0, decode="server", curve_client_key=None,
-                 curve_server_key=None, pin_memory=False, drop_last=None, device_id=None):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        *,
+        pack: str,
+        split="train",
+        batch_size=64,
+        image_size=224,
+        train=True,
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=None,
+        credits=2,
+        request_timeout=30.0,
+        dead_after=60.0,
+        decode="server",
+        curve_client_key=None,
+        curve_server_key=None,
+        pin_memory=False,
+        drop_last=None,
+        device_id=None,
+    ):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         recycle_large_allocations()
         curve = None
         if curve_client_key or curve_server_key:
             curve = CurveKeys.from_files(curve_client_key, curve_server_key)
-        self.client = BatchClient(source, credits=credits, request_timeout=request_timeout,
-                                  dead_after=dead_after, curve=curve)  # fmt: skip
+        self.client = BatchClient(
+            source,
+            credits=credits,
+            request_timeout=request_timeout,
+            dead_after=dead_after,
+            curve=curve,
+        )
         try:
             packs = self.client.call("ping")["packs"]
             if pack not in packs:
@@ -49,9 +73,16 @@ class RemoteLoader(Loader):
         except BaseException:
             self.client.close()
             raise
-        super().__init__(packs[pack][split], batch_size=batch_size, image_size=image_size,
-                         train=train, rank=rank, world_size=world_size, seed=seed,
-                         drop_last=drop_last)  # fmt: skip
+        super().__init__(
+            packs[pack][split],
+            batch_size=batch_size,
+            image_size=image_size,
+            train=train,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.pack_name = pack
         self.split_name = split
         self.decode = decode
@@ -68,9 +99,22 @@ class RemoteLoader(Loader):
     def _requests(self, start: int, end: int) -> list[BatchRequest]:
         s = self.sampler
         op = "batch" if self.decode == "server" else "samples"
-        return [BatchRequest(self.pack_name, self.split_name, self.cfg.train, self.cfg.image_size,
-                             self.seed, s.epoch, s.rank, s.world_size, s.batch_size, b, op)
-                for b in range(start, end)]  # fmt: skip
+        return [
+            BatchRequest(
+                self.pack_name,
+                self.split_name,
+                self.cfg.train,
+                self.cfg.image_size,
+                self.seed,
+                s.epoch,
+                s.rank,
+                s.world_size,
+                s.batch_size,
+                b,
+                op,
+            )
+            for b in range(start, end)
+        ]
 
     def _batches(self, start: int):
         end = len(self.sampler)
@@ -84,10 +128,15 @@ class RemoteLoader(Loader):
             from datasvc.loaders.dali import run_pipeline
 
             device = "gpu" if self.decode == "dali_gpu" else "cpu"
-            yield from run_pipeline(self.cfg, device=device, batch_size=self.batch_size,
-                                    num_threads=self.workers, device_id=self.device_id,
-                                    batches=(self._encoded(h, f) for h, f in replies),
-                                    count=end - start)  # fmt: skip
+            yield from run_pipeline(
+                self.cfg,
+                device=device,
+                batch_size=self.batch_size,
+                num_threads=self.workers,
+                device_id=self.device_id,
+                batches=(self._encoded(h, f) for h, f in replies),
+                count=end - start,
+            )
 
     def _decoded(self, header: dict, frames) -> Batch:
         shape = tuple(header["shape"])

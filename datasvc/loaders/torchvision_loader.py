@@ -16,8 +16,9 @@ from datasvc.packs import MANIFEST_NAME, open_pack
 
 def pil_info() -> str:
     """Which PIL is installed: 'pillow-simd X' or 'pillow X'."""
-    import PIL
     from importlib import metadata
+
+    import PIL
 
     for dist in ("pillow-simd", "Pillow-SIMD"):
         try:
@@ -33,8 +34,10 @@ def build_transform(train: bool, image_size: int):
     if train:
         ops = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
-        ops = [v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
-               v2.CenterCrop(image_size)]  # fmt: skip
+        ops = [
+            v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
+            v2.CenterCrop(image_size),
+        ]
     return v2.Compose([*ops, v2.PILToTensor()])
 
 
@@ -102,9 +105,22 @@ class TorchLoader(Loader):
 
     backend = "torch"
 
-    def __init__(self, source, *, split="train", batch_size=64, image_size=224, train=True,
-                 rank=0, world_size=1, seed=0, workers=None, pin_memory=False, drop_last=None,
-                 prefetch_factor=2):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        *,
+        split="train",
+        batch_size=64,
+        image_size=224,
+        train=True,
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=None,
+        pin_memory=False,
+        drop_last=None,
+        prefetch_factor=2,
+    ):
         source = Path(source)
         transform = build_transform(train, image_size)
         if (source / MANIFEST_NAME).exists():
@@ -112,19 +128,33 @@ class TorchLoader(Loader):
         else:
             root = source / split if (source / split).is_dir() else source
             self.dataset = FolderDataset(root, transform)
-        super().__init__(len(self.dataset), batch_size=batch_size, image_size=image_size,
-                         train=train, rank=rank, world_size=world_size, seed=seed,
-                         drop_last=drop_last)  # fmt: skip
+        super().__init__(
+            len(self.dataset),
+            batch_size=batch_size,
+            image_size=image_size,
+            train=train,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.workers = default_workers() if workers is None else workers
         self._batch_sampler = _CursorBatches(self.sampler)
         kw = {}
         if self.workers > 0:
-            kw = {"persistent_workers": True, "prefetch_factor": prefetch_factor,
-                  "multiprocessing_context": "fork"}  # fmt: skip
+            kw = {
+                "persistent_workers": True,
+                "prefetch_factor": prefetch_factor,
+                "multiprocessing_context": "fork",
+            }
         self._dl = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self._batch_sampler, num_workers=self.workers,
-            collate_fn=_collate, pin_memory=pin_memory, **kw,
-        )  # fmt: skip
+            self.dataset,
+            batch_sampler=self._batch_sampler,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=pin_memory,
+            **kw,
+        )
 
     def _batches(self, start: int):
         self._batch_sampler.start = start

@@ -136,7 +136,7 @@ def open_pack(path: str | os.PathLike) -> Pack:
     """Open a pack directory (any registered format) for reading."""
     path = Path(path)
     if not (path / MANIFEST_NAME).exists():
-        from datasvc.packs.tfrecord import looks_like_tf_imagenet, adopt_tf_imagenet
+        from datasvc.packs.tfrecord import adopt_tf_imagenet, looks_like_tf_imagenet
 
         if looks_like_tf_imagenet(path):
             return adopt_tf_imagenet(path)

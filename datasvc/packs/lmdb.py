@@ -57,9 +57,15 @@ class LMDBShardWriter:
                 p.unlink()
         self._map_size = _INITIAL_MAP
         self._env = lmdb.open(
-            str(self.path), subdir=False, map_size=self._map_size, readahead=False,
-            meminit=False, sync=False, metasync=False, lock=True,
-        )  # fmt: skip
+            str(self.path),
+            subdir=False,
+            map_size=self._map_size,
+            readahead=False,
+            meminit=False,
+            sync=False,
+            metasync=False,
+            lock=True,
+        )
         self._pending: list[tuple[bytes, bytes]] = []
         self._count = 0
         self._bytes = 0
@@ -92,8 +98,11 @@ class LMDBShardWriter:
         lock = Path(f"{self.path}-lock")
         if lock.exists():
             lock.unlink()
-        return {"num_records": self._count, "image_bytes": self._bytes,
-                "digest": f"{self._digest:08x}"}  # fmt: skip
+        return {
+            "num_records": self._count,
+            "image_bytes": self._bytes,
+            "digest": f"{self._digest:08x}",
+        }
 
     def abort(self) -> None:
         self._env.close()
@@ -118,8 +127,9 @@ def _read_txn(path: Path) -> lmdb.Transaction:
             entry[1].close()
         except lmdb.Error:
             pass
-    env = lmdb.open(real, subdir=False, readonly=True, lock=False, readahead=False,
-                    meminit=False, max_readers=1)  # fmt: skip
+    env = lmdb.open(
+        real, subdir=False, readonly=True, lock=False, readahead=False, meminit=False, max_readers=1
+    )
     txn = env.begin(buffers=False)
     _ENVS[key] = (os.getpid(), env, txn)
     return txn

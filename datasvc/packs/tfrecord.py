@@ -118,7 +118,7 @@ def _parse_feature(buf: bytes):
             return [x - (1 << 64) if x >= 1 << 63 else x for x in out]
         if num == 2:  # FloatList
             out = []
-            for n, wire, v in _fields(body):
+            for n, _, v in _fields(body):
                 if n == 1:
                     out.extend(struct.unpack(f"<{len(v) // 4}f", v))
             return out
@@ -146,18 +146,20 @@ def decode_example(buf: bytes) -> dict:
 
 def example_from_sample(sample: Sample, synset: str) -> bytes:
     """The schema of TensorFlow's ImageNet script; labels are 1-based there (0 unused)."""
-    return encode_example({
-        "image/height": sample.height,
-        "image/width": sample.width,
-        "image/colorspace": b"RGB",
-        "image/channels": 3,
-        "image/class/label": sample.label + 1,
-        "image/class/synset": synset,
-        "image/class/text": synset,
-        "image/format": b"JPEG",
-        "image/filename": sample.key,
-        "image/encoded": sample.image,
-    })  # fmt: skip
+    return encode_example(
+        {
+            "image/height": sample.height,
+            "image/width": sample.width,
+            "image/colorspace": b"RGB",
+            "image/channels": 3,
+            "image/class/label": sample.label + 1,
+            "image/class/synset": synset,
+            "image/class/text": synset,
+            "image/format": b"JPEG",
+            "image/filename": sample.key,
+            "image/encoded": sample.image,
+        }
+    )
 
 
 def sample_from_example(feats: dict, where: str) -> Sample:
@@ -177,7 +179,9 @@ def sample_from_example(feats: dict, where: str) -> Sample:
 
 def frame(data: bytes) -> bytes:
     header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
+    return (
+        header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
+    )
 
 
 def unframe(buf: bytes, where: str, verify: bool = True) -> bytes:
@@ -262,8 +266,12 @@ class TFRecordShardWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         write_index(self._index, index_path(self.path))
-        return {"num_records": len(self._index), "image_bytes": self._bytes,
-                "digest": f"{self._digest:08x}", "index": index_path(self.path).name}  # fmt: skip
+        return {
+            "num_records": len(self._index),
+            "image_bytes": self._bytes,
+            "digest": f"{self._digest:08x}",
+            "index": index_path(self.path).name,
+        }
 
     def abort(self) -> None:
         self._f.close()
@@ -318,8 +326,13 @@ class TFRecordShardReader:
         self._f = self._pid = None
 
     def __getstate__(self):
-        return {"path": self.path, "verify": self.verify, "_index": self._index, "_f": None,
-                "_pid": None}  # fmt: skip
+        return {
+            "path": self.path,
+            "verify": self.verify,
+            "_index": self._index,
+            "_f": None,
+            "_pid": None,
+        }
 
 
 register_pack_format(PackFormat("tfrecord", ".tfrecord", TFRecordShardWriter, TFRecordShardReader))
@@ -369,8 +382,13 @@ def adopt_tf_imagenet(path: str | os.PathLike):
 
     pack = Pack.__new__(Pack)
     pack.path = path
-    pack.manifest = {"format": "tfrecord", "format_version": 1, "classes": classes,
-                     "splits": splits, "adopted": "tensorflow imagenet script"}  # fmt: skip
+    pack.manifest = {
+        "format": "tfrecord",
+        "format_version": 1,
+        "classes": classes,
+        "splits": splits,
+        "adopted": "tensorflow imagenet script",
+    }
     pack.format = None
     pack.classes = classes
     pack._splits = {}

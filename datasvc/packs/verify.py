@@ -53,7 +53,9 @@ def verify_pack(path, decode: bool = False, progress: bool = False, max_problems
                     if decode:
                         _decode_check(s, f"{where} record {i}")
                     if not 0 <= s.label < len(pack.classes):
-                        raise CorruptSampleError(f"{where} record {i}: label {s.label} out of range")
+                        raise CorruptSampleError(
+                            f"{where} record {i}: label {s.label} out of range"
+                        )
                 except CorruptSampleError as e:
                     report.problems.append(str(e))
                     if len(report.problems) >= max_problems:
@@ -106,14 +108,20 @@ def describe_pack(pack: Pack) -> dict:
             s = split[i]
             sizes.append(len(s.image))
             sides.append(max(s.height, s.width))
-            shapes["landscape" if s.width > s.height else "portrait" if s.height > s.width
-                   else "square"] += 1  # fmt: skip
+            shapes[
+                "landscape"
+                if s.width > s.height
+                else "portrait"
+                if s.height > s.width
+                else "square"
+            ] += 1
         image_bytes = sum(sh.get("image_bytes", 0) for sh in info.get("shards", []))
         out["splits"][name] = {
             "num_samples": n,
             "num_shards": len(info.get("shards", [])),
-            "bytes_per_image": round(image_bytes / n) if n and image_bytes else
-            (round(statistics.mean(sizes)) if sizes else 0),
+            "bytes_per_image": round(image_bytes / n)
+            if n and image_bytes
+            else (round(statistics.mean(sizes)) if sizes else 0),
             "longest_side": _quantiles(sides),
             "jpeg_bytes": _quantiles(sizes),
             "shapes": dict(shapes),
@@ -142,20 +150,32 @@ def format_description(d: dict) -> str:
     ]
     opts = d.get("options") or {}
     if opts:
-        lines.append("options   " + ", ".join(f"{k}={v}" for k, v in opts.items()
-                                              if k in ("max_side", "quality", "seed", "shards")))
+        lines.append(
+            "options   "
+            + ", ".join(
+                f"{k}={v}"
+                for k, v in opts.items()
+                if k in ("max_side", "quality", "seed", "shards")
+            )
+        )
     for name, s in d["splits"].items():
-        lines.append(f"split {name}: {s['num_samples']} images in {s['num_shards']} shards, "
-                     f"{s['bytes_per_image'] / 1024:.1f} KiB/image")  # fmt: skip
+        lines.append(
+            f"split {name}: {s['num_samples']} images in {s['num_shards']} shards, "
+            f"{s['bytes_per_image'] / 1024:.1f} KiB/image"
+        )
         ls = s["longest_side"]
         if ls:
-            lines.append(f"  longest side  min {ls['min']}  p10 {ls['p10']}  median {ls['median']}"
-                         f"  p90 {ls['p90']}  max {ls['max']}")  # fmt: skip
+            lines.append(
+                f"  longest side  min {ls['min']}  p10 {ls['p10']}  median {ls['median']}"
+                f"  p90 {ls['p90']}  max {ls['max']}"
+            )
         lines.append(f"  shapes        {json.dumps(s['shapes'])}")
         a = s.get("audit") or {}
         if a:
-            lines.append(f"  audit         passed {a.get('passed', 0)}, converted "
-                         f"{json.dumps(a.get('converted', {}))}, rejected {a.get('rejected', 0)}"
-                         f" {json.dumps(a.get('rejected_reasons', {}))}, ignored "
-                         f"{a.get('ignored', 0)}")  # fmt: skip
+            lines.append(
+                f"  audit         passed {a.get('passed', 0)}, converted "
+                f"{json.dumps(a.get('converted', {}))}, rejected {a.get('rejected', 0)}"
+                f" {json.dumps(a.get('rejected_reasons', {}))}, ignored "
+                f"{a.get('ignored', 0)}"
+            )
     return "\n".join(lines)

@@ -9,9 +9,13 @@ import itertools
 import time
 from dataclasses import dataclass
 
-
-
-from datasvc.service.protocol import BatchRequest, ProtocolError, pack_header, request_header, unpack_header
+from datasvc.service.protocol import (
+    BatchRequest,
+    ProtocolError,
+    pack_header,
+    request_header,
+    unpack_header,
+)
 
 
 class RemoteError(RuntimeError):
@@ -70,8 +74,16 @@ class BatchClient:
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoints, *, credits: int = 2, request_timeout: float = 30.0,
-                 dead_after: float = 60.0, curve: CurveKeys | None = None, hwm: int = 64):  # fmt: skip
+    def __init__(
+        self,
+        endpoints,
+        *,
+        credits: int = 2,
+        request_timeout: float = 30.0,
+        dead_after: float = 60.0,
+        curve: CurveKeys | None = None,
+        hwm: int = 64,
+    ):
         import zmq
 
         if isinstance(endpoints, str):
@@ -114,8 +126,10 @@ class BatchClient:
                         if not header.get("ok"):
                             raise RemoteError(header.get("error", "?"), header.get("message", ""))
                         return header
-        raise NoServerError(f"no datasvc server answered {op!r} within {timeout:.0f}s at "
-                            f"{', '.join(e.address for e in self.endpoints)}")  # fmt: skip
+        raise NoServerError(
+            f"no datasvc server answered {op!r} within {timeout:.0f}s at "
+            f"{', '.join(e.address for e in self.endpoints)}"
+        )
 
     # --- batches ------------------------------------------------------------------------
 

@@ -17,8 +17,14 @@ _READY = re.compile(r"datasvc serve: (tcp://\S+) packs")
 class LocalServer:
     """Start ``datasvc serve PACK... --bind tcp://127.0.0.1:*``; stop on exit or ``stop()``."""
 
-    def __init__(self, packs: list[str], workers: int = 2, bind: str = "tcp://127.0.0.1:*",
-                 extra: list[str] | None = None, startup_timeout: float = 60.0):  # fmt: skip
+    def __init__(
+        self,
+        packs: list[str],
+        workers: int = 2,
+        bind: str = "tcp://127.0.0.1:*",
+        extra: list[str] | None = None,
+        startup_timeout: float = 60.0,
+    ):
         self.packs = [str(p) for p in packs]
         self.workers = workers
         self.bind = bind
@@ -41,13 +47,28 @@ class LocalServer:
         fd, log = tempfile.mkstemp(prefix="datasvc-serve-", suffix=".log")
         os.close(fd)
         self.log = Path(log)
-        cmd = [sys.executable, "-m", "datasvc.cli", "serve", *self.packs, "--bind", self.bind,
-               "--workers", str(self.workers), "--log-interval", "0", *self.extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "datasvc.cli",
+            "serve",
+            *self.packs,
+            "--bind",
+            self.bind,
+            "--workers",
+            str(self.workers),
+            "--log-interval",
+            "0",
+            *self.extra,
+        ]
         root = Path(__file__).resolve().parents[2]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+        )
         with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             m = _READY.search(self.log.read_text())
@@ -55,8 +76,9 @@ class LocalServer:
                 self.endpoint = m.group(1)
                 return self
             if self.proc.poll() is not None:
-                raise RuntimeError(f"datasvc serve exited ({self.proc.returncode}):\n"
-                                   f"{self.log.read_text()}")  # fmt: skip
+                raise RuntimeError(
+                    f"datasvc serve exited ({self.proc.returncode}):\n{self.log.read_text()}"
+                )
             time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"datasvc serve did not start in {self.startup_timeout}s")
@@ -85,8 +107,11 @@ class LocalServer:
             st = c.call("stats")["stats"]
         finally:
             c.close()
-        return {"server_images_per_s": st["images_per_s"], "bytes_per_image": st["bytes_per_image"],
-                "server_worker_busy": st["worker_busy"]}  # fmt: skip
+        return {
+            "server_images_per_s": st["images_per_s"],
+            "bytes_per_image": st["bytes_per_image"],
+            "server_worker_busy": st["worker_busy"],
+        }
 
     def __enter__(self) -> LocalServer:
         return self.start()

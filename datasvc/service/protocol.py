@@ -41,8 +41,16 @@ class BatchRequest:
 
     def key(self) -> tuple:
         """Identifies the epoch listing this request indexes into."""
-        return (self.pack, self.split, self.train, self.seed, self.epoch, self.rank, self.world,
-                self.batch_size)  # fmt: skip
+        return (
+            self.pack,
+            self.split,
+            self.train,
+            self.seed,
+            self.epoch,
+            self.rank,
+            self.world,
+            self.batch_size,
+        )
 
 
 _INT_FIELDS = {
@@ -63,16 +71,20 @@ def pack_header(obj: dict) -> bytes:
 def unpack_header(frame: bytes) -> dict:
     """A header frame → dict; checks the version first and names both on mismatch."""
     try:
-        header = msgpack.unpackb(frame, raw=False, max_str_len=4096, max_bin_len=4096,
-                                 max_array_len=64, max_map_len=64)  # fmt: skip
+        header = msgpack.unpackb(
+            frame, raw=False, max_str_len=4096, max_bin_len=4096, max_array_len=64, max_map_len=64
+        )
     except Exception as e:  # noqa: BLE001 - any undecodable header
-        raise ProtocolError("malformed", f"header is not valid msgpack ({type(e).__name__})") from None
+        raise ProtocolError(
+            "malformed", f"header is not valid msgpack ({type(e).__name__})"
+        ) from None
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "header must be a msgpack map")
     v = header.get("v")
     if v != PROTOCOL_VERSION:
         raise ProtocolError(
-            "version", f"protocol version {v!r} is not supported; this peer speaks {PROTOCOL_VERSION}"
+            "version",
+            f"protocol version {v!r} is not supported; this peer speaks {PROTOCOL_VERSION}",
         )
     return header
 

@@ -65,8 +65,15 @@ class _Listings:
         key = req.key()
         s = self._d.get(key)
         if s is None:
-            s = EpochSampler(n, req.batch_size, rank=req.rank, world_size=req.world,
-                             seed=req.seed, shuffle=req.train, drop_last=req.train)  # fmt: skip
+            s = EpochSampler(
+                n,
+                req.batch_size,
+                rank=req.rank,
+                world_size=req.world,
+                seed=req.seed,
+                shuffle=req.train,
+                drop_last=req.train,
+            )
             s.set_epoch(req.epoch)
             self._d[key] = s
             if len(self._d) > self.size:
@@ -113,10 +120,19 @@ def worker_main(index: int, packs: dict[str, str], backend: str) -> None:
                     images = np.empty((len(ids), s, s, 3), np.uint8)
                     labels = np.empty(len(ids), np.int64)
                     fill_batch(split, ids, cfg, req.seed, req.epoch, images, labels)
-                    head = pack_header({"id": rid, "ok": True, "op": "batch", "n": len(ids),
-                                        "shape": list(images.shape), "layout": "NHWC",
-                                        "batch": req.batch, "epoch": req.epoch,
-                                        "busy_s": time.perf_counter() - t0})  # fmt: skip
+                    head = pack_header(
+                        {
+                            "id": rid,
+                            "ok": True,
+                            "op": "batch",
+                            "n": len(ids),
+                            "shape": list(images.shape),
+                            "layout": "NHWC",
+                            "batch": req.batch,
+                            "epoch": req.epoch,
+                            "busy_s": time.perf_counter() - t0,
+                        }
+                    )
                     reply = [head, images, labels, np.ascontiguousarray(ids, np.int64)]
             except Exception as e:  # noqa: BLE001 - reported to the client, worker lives on
                 reply = [error_header(rid, "build", f"{type(e).__name__}: {e}")]
@@ -140,8 +156,17 @@ def _samples_reply(split, ids, cfg, req, rid, train_crop) -> list:
         else:
             geo = list(eval_geometry(cfg, s.height, s.width))
         meta.append([int(sid), s.label, s.height, s.width, len(s.image), *geo])
-    head = pack_header({"id": rid, "ok": True, "op": "samples", "n": len(ids), "batch": req.batch,
-                        "epoch": req.epoch, "meta": meta})  # fmt: skip
+    head = pack_header(
+        {
+            "id": rid,
+            "ok": True,
+            "op": "samples",
+            "n": len(ids),
+            "batch": req.batch,
+            "epoch": req.epoch,
+            "meta": meta,
+        }
+    )
     return [head, b"".join(images)]
 
 
@@ -185,10 +210,19 @@ class Stats:
 class Server:
     """Broker + ``workers`` processes serving ``packs`` at ``bind``."""
 
-    def __init__(self, packs: dict[str, str], bind: str, workers: int = 2, *,
-                 curve_secret: str | None = None, curve_allow: str | None = None,
-                 insecure: bool = False, log_interval: float = 10.0, max_queue: int = 1024,
-                 hwm: int = 64):  # fmt: skip
+    def __init__(
+        self,
+        packs: dict[str, str],
+        bind: str,
+        workers: int = 2,
+        *,
+        curve_secret: str | None = None,
+        curve_allow: str | None = None,
+        insecure: bool = False,
+        log_interval: float = 10.0,
+        max_queue: int = 1024,
+        hwm: int = 64,
+    ):
         from datasvc.packs import open_pack
 
         if not is_loopback(bind) and not curve_secret and not insecure:
@@ -217,17 +251,29 @@ class Server:
         from datasvc.sampling import EpochSampler
 
         if req.pack not in self.sizes:
-            raise ProtocolError("pack", f"unknown pack {req.pack!r}; served: "
-                                f"{', '.join(sorted(self.sizes))}")  # fmt: skip
+            raise ProtocolError(
+                "pack", f"unknown pack {req.pack!r}; served: {', '.join(sorted(self.sizes))}"
+            )
         splits = self.sizes[req.pack]
         if req.split not in splits:
-            raise ProtocolError("split", f"pack {req.pack!r} has no split {req.split!r}; "
-                                f"splits: {', '.join(splits)}")  # fmt: skip
-        n = EpochSampler(splits[req.split], req.batch_size, rank=req.rank, world_size=req.world,
-                         shuffle=req.train, drop_last=req.train).__len__()  # fmt: skip
+            raise ProtocolError(
+                "split",
+                f"pack {req.pack!r} has no split {req.split!r}; splits: {', '.join(splits)}",
+            )
+        n = EpochSampler(
+            splits[req.split],
+            req.batch_size,
+            rank=req.rank,
+            world_size=req.world,
+            shuffle=req.train,
+            drop_last=req.train,
+        ).__len__()
         if req.batch >= n:
-            raise ProtocolError("range", f"batch {req.batch} is past the end of the epoch "
-                                f"listing ({n} batches for this rank)")  # fmt: skip
+            raise ProtocolError(
+                "range",
+                f"batch {req.batch} is past the end of the epoch "
+                f"listing ({n} batches for this rank)",
+            )
 
     def serve_forever(self) -> None:
         import zmq
@@ -235,8 +281,15 @@ class Server:
         tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
         backend = f"ipc://{tmp}/workers"
         ctx_mp = mp.get_context("spawn")
-        procs = [ctx_mp.Process(target=worker_main, args=(i, self.packs, backend), daemon=True,
-                                name=f"datasvc-worker-{i}") for i in range(self.workers)]  # fmt: skip
+        procs = [
+            ctx_mp.Process(
+                target=worker_main,
+                args=(i, self.packs, backend),
+                daemon=True,
+                name=f"datasvc-worker-{i}",
+            )
+            for i in range(self.workers)
+        ]
         for p in procs:
             p.start()
         ctx = zmq.Context(1)
@@ -262,8 +315,12 @@ class Server:
         back.bind(backend)
         front.bind(self.bind)
         self.endpoint = front.getsockopt_string(zmq.LAST_ENDPOINT)
-        print(f"datasvc serve: {self.endpoint} packs {json.dumps(self.sizes)} "
-              f"workers {self.workers}{' curve' if auth else ''}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"datasvc serve: {self.endpoint} packs {json.dumps(self.sizes)} "
+            f"workers {self.workers}{' curve' if auth else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
         idle: collections.deque = collections.deque()
         queue: collections.deque = collections.deque()
         poller = zmq.Poller()
@@ -290,9 +347,13 @@ class Server:
                 if self.log_interval and now - last_log >= self.log_interval:
                     rate = (self.stats.images - last_images) / (now - last_log)
                     st = self.stats.as_dict(self.workers)
-                    print(f"datasvc serve: {st['batches']} batches, {st['images']} images, "
-                          f"{rate:.0f} img/s, {len(st['clients'])} clients, {st['errors']} errors,"
-                          f" worker busy {st['worker_busy']:.2f}", file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"datasvc serve: {st['batches']} batches, {st['images']} images, "
+                        f"{rate:.0f} img/s, {len(st['clients'])} clients, {st['errors']} errors,"
+                        f" worker busy {st['worker_busy']:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     last_log, last_images = now, self.stats.images
         finally:
             for w in list(idle):
@@ -349,8 +410,7 @@ class Server:
                     body["packs"] = self.sizes
                     reply = pack_header({"id": rid, "ok": True, "op": "stats", "stats": body})
                 else:
-                    reply = pack_header({"id": rid, "ok": True, "op": "pong",
-                                         "packs": self.sizes})  # fmt: skip
+                    reply = pack_header({"id": rid, "ok": True, "op": "pong", "packs": self.sizes})
                 front.send_multipart([client, reply])
                 return
             self._check(req)
@@ -364,10 +424,16 @@ class Server:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("packs", nargs="+", help="packs to serve: PATH (named by its folder) or NAME=PATH")
+    p.add_argument(
+        "packs", nargs="+", help="packs to serve: PATH (named by its folder) or NAME=PATH"
+    )
     p.add_argument("--bind", default="tcp://127.0.0.1:5555")
-    p.add_argument("--workers", type=int, default=None, help="batch-building processes "
-                   "(default: the cores this process may use)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="batch-building processes (default: the cores this process may use)",
+    )
     p.add_argument("--curve-secret", help="server key file (from `datasvc keys`) with its secret")
     p.add_argument("--curve-allow", help="folder of allowed clients' public .key files")
     p.add_argument("--insecure", action="store_true", help="allow plain TCP beyond loopback")
@@ -376,10 +442,15 @@ def add_arguments(p) -> None:
 
 def main(a) -> int:
     try:
-        server = Server(parse_pack_args(a.packs), a.bind,
-                        a.workers or len(os.sched_getaffinity(0)), curve_secret=a.curve_secret,
-                        curve_allow=a.curve_allow, insecure=a.insecure,
-                        log_interval=a.log_interval)  # fmt: skip
+        server = Server(
+            parse_pack_args(a.packs),
+            a.bind,
+            a.workers or len(os.sched_getaffinity(0)),
+            curve_secret=a.curve_secret,
+            curve_allow=a.curve_allow,
+            insecure=a.insecure,
+            log_interval=a.log_interval,
+        )
     except (ValueError, KeyError, OSError) as e:
         print(f"datasvc serve: error: {e}", file=sys.stderr)
         return 2

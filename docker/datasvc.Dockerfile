@@ -1,0 +1,22 @@
+# CPU image for `datasvc serve` (and convert / verify / bench). Build from the repo root:
+#   docker build -f docker/datasvc.Dockerfile -t datasvc .
+FROM python:3.11-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential libjpeg62-turbo-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/datasvc
+COPY pyproject.toml setup.py README.md ./
+COPY datasvc datasvc
+COPY converters converters
+COPY trainer trainer
+COPY benchmarks benchmarks
+# The service runs no models: point PIP_INDEX_URL at a CPU-only torch index to keep the
+# image small (docker build --build-arg PIP_INDEX_URL=...).
+ARG PIP_INDEX_URL
+RUN pip install --no-cache-dir . \
+ && python -c "import datasvc.decode as d; print('crop-aware decoder:', d.CROP_DECODER)"
+RUN useradd --create-home datasvc
+USER datasvc
+EXPOSE 5555
+ENTRYPOINT ["datasvc"]
+CMD ["serve", "--help"]
