@@ -13,7 +13,7 @@ from datasvc.batch import Batch
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader
 from datasvc.memory import recycle_large_allocations
-from datasvc.service.client import BatchClient, CurveKeys
+from datasvc.service.client import BatchClient, CurveKeys, RemoteError
 from datasvc.service.protocol import BatchRequest
 
 DECODE_MODES = ("server", "dali_cpu", "dali_gpu")
@@ -139,13 +139,17 @@ class RemoteLoader(Loader):
             )
 
     def _decoded(self, header: dict, frames) -> Batch:
+        """Reply frames → a Batch; the images tensor is the received buffer itself (no copy)
+        unless pinned memory was asked for."""
         shape = tuple(header["shape"])
-        images = np.frombuffer(frames[1].buffer, np.uint8).reshape(shape)
-        out = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
-        out.numpy()[...] = images
-        labels = torch.from_numpy(np.frombuffer(frames[2].buffer, np.int64).copy())
-        ids = torch.from_numpy(np.frombuffer(frames[3].buffer, np.int64).copy())
-        return Batch(out.permute(0, 3, 1, 2), labels, ids)
+        if tuple(shape[:1]) != (header["n"],) or len(frames[1].buffer) != int(np.prod(shape)):
+            raise RemoteError("malformed", f"reply of {len(frames[1].buffer)} bytes for {shape}")
+        images = torch.frombuffer(frames[1].buffer, dtype=torch.uint8).view(shape)
+        if self.pin_memory:
+            images = images.pin_memory()
+        labels = torch.frombuffer(frames[2].buffer, dtype=torch.int64)
+        ids = torch.frombuffer(frames[3].buffer, dtype=torch.int64)
+        return Batch(images.permute(0, 3, 1, 2), labels, ids)
 
     def _encoded(self, header: dict, frames):
         from datasvc.loaders.dali import dali_inputs
