@@ -60,13 +60,24 @@ def test_two_ranks_exact_once(server, clean_pack, train):
         assert sorted(ids) == list(range(n))
 
 
-def test_same_batches_as_custom(server, clean_pack):
-    ours = run(remote(server.endpoint, seed=5))
+def _same_as_custom(endpoint, clean_pack):
+    ours = run(remote(endpoint, seed=5))
     local = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, seed=5, workers=1))
     assert len(ours) == len(local) > 0
     for a, b in zip(ours, local):
         assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)
         assert torch.equal(a.images, b.images)
+
+
+def test_same_batches_as_custom(server, clean_pack):
+    _same_as_custom(server.endpoint, clean_pack)
+
+
+def test_thread_engine_same_batches(clean_pack):
+    with LocalServer([clean_pack], workers=2, extra=["--engine", "thread"]) as s:
+        _same_as_custom(s.endpoint, clean_pack)
+        s.stop()
+        assert s.proc.returncode == 0, "SIGTERM stops the server cleanly"
 
 
 def test_kill9_and_restart_mid_epoch(clean_pack):

@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,18 +83,21 @@ class _Listings:
         return s
 
 
-def worker_main(index: int, packs: dict[str, str], backend: str) -> None:
-    """One worker: its own context and socket (made after the process starts)."""
+def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None) -> None:
+    """One worker. A process worker makes its own context and socket after it starts; a
+    thread worker shares the broker's context and talks to it over inproc (no copies)."""
     import zmq
 
     from datasvc.augment import TransformConfig, train_crop
     from datasvc.batch import fill_batch
     from datasvc.packs import open_pack
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    own_ctx = ctx is None
+    if own_ctx:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ctx = zmq.Context(1)
     opened = {name: open_pack(path) for name, path in packs.items()}
     listings = _Listings()
-    ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(backend)
@@ -139,7 +143,8 @@ def worker_main(index: int, packs: dict[str, str], backend: str) -> None:
             sock.send_multipart([client, *reply], copy=False)
     finally:
         sock.close(0)
-        ctx.term()
+        if own_ctx:
+            ctx.term()
 
 
 def _samples_reply(split, ids, cfg, req, rid, train_crop) -> list:
@@ -222,6 +227,7 @@ class Server:
         log_interval: float = 10.0,
         max_queue: int = 1024,
         hwm: int = 64,
+        engine: str = "process",
     ):
         from datasvc.packs import open_pack
 
@@ -230,6 +236,9 @@ class Server:
                 f"{bind} is beyond loopback: give --curve-secret and --curve-allow "
                 "(CurveZMQ encryption and a client allow-list), or --insecure to serve plain TCP"
             )
+        if engine not in ("process", "thread"):
+            raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
+        self.engine = engine
         if bool(curve_secret) != bool(curve_allow):
             raise ValueError("--curve-secret and --curve-allow go together")
         self.packs = packs
@@ -279,22 +288,29 @@ class Server:
         import zmq
 
         tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
-        backend = f"ipc://{tmp}/workers"
-        ctx_mp = mp.get_context("spawn")
-        procs = [
-            ctx_mp.Process(
-                target=worker_main,
-                args=(i, self.packs, backend),
-                daemon=True,
-                name=f"datasvc-worker-{i}",
-            )
-            for i in range(self.workers)
-        ]
+        ctx = zmq.Context(1)
+        back = ctx.socket(zmq.ROUTER)
+        if self.engine == "thread":
+            backend = "inproc://datasvc-workers"
+            back.bind(backend)
+            procs = [
+                threading.Thread(target=worker_main, args=(i, self.packs, backend, ctx),
+                                 daemon=True, name=f"datasvc-worker-{i}")
+                for i in range(self.workers)
+            ]  # fmt: skip
+        else:
+            # Spawned, not forked: the broker's ZeroMQ context must not cross a fork.
+            backend = f"ipc://{tmp}/workers"
+            back.bind(backend)
+            ctx_mp = mp.get_context("spawn")
+            procs = [
+                ctx_mp.Process(target=worker_main, args=(i, self.packs, backend), daemon=True,
+                               name=f"datasvc-worker-{i}")
+                for i in range(self.workers)
+            ]  # fmt: skip
         for p in procs:
             p.start()
-        ctx = zmq.Context(1)
         front = ctx.socket(zmq.ROUTER)
-        back = ctx.socket(zmq.ROUTER)
         auth = None
         for s in (front, back):
             s.linger = 0
@@ -312,7 +328,6 @@ class Server:
                 raise ValueError(f"{self.curve_secret} holds no secret key")
             front.curve_publickey, front.curve_secretkey = pub, sec
             front.curve_server = True
-        back.bind(backend)
         front.bind(self.bind)
         self.endpoint = front.getsockopt_string(zmq.LAST_ENDPOINT)
         print(
@@ -342,7 +357,8 @@ class Server:
                     back.send_multipart([idle.popleft(), client, frame], copy=False)
                 dead = [p for p in procs if not p.is_alive()]
                 if dead:
-                    raise RuntimeError(f"worker {dead[0].name} died (exit code {dead[0].exitcode})")
+                    code = getattr(dead[0], "exitcode", None)
+                    raise RuntimeError(f"worker {dead[0].name} died (exit code {code})")
                 now = time.time()
                 if self.log_interval and now - last_log >= self.log_interval:
                     rate = (self.stats.images - last_images) / (now - last_log)
@@ -356,21 +372,34 @@ class Server:
                     )
                     last_log, last_images = now, self.stats.images
         finally:
-            for w in list(idle):
-                try:
-                    back.send_multipart([w, b"STOP"])
-                except zmq.ZMQError:
-                    pass
-            for p in procs:
-                p.join(timeout=2)
-                if p.is_alive():
-                    p.kill()
+            self._stop_workers(back, idle, procs)
             if auth:
                 auth.stop()
             front.close(0)
             back.close(0)
-            ctx.term()
+            if not any(p.is_alive() for p in procs):
+                ctx.term()  # a thread worker still holding a socket would block term()
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _stop_workers(self, back, idle, procs, grace: float = 3.0) -> None:
+        """Tell idle workers to stop, and busy ones as soon as they report back."""
+        import zmq
+
+        stopped = 0
+        deadline = time.monotonic() + grace
+        while stopped < len(procs) and time.monotonic() < deadline:
+            while idle:
+                try:
+                    back.send_multipart([idle.popleft(), b"STOP"])
+                    stopped += 1
+                except zmq.ZMQError:
+                    pass
+            if back.poll(100):
+                idle.append(back.recv_multipart()[0])
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            if p.is_alive() and hasattr(p, "kill"):
+                p.kill()
 
     def _from_worker(self, frames, front, idle) -> None:
         worker = frames[0].bytes
@@ -438,6 +467,12 @@ def add_arguments(p) -> None:
     p.add_argument("--curve-allow", help="folder of allowed clients' public .key files")
     p.add_argument("--insecure", action="store_true", help="allow plain TCP beyond loopback")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between stats lines")
+    p.add_argument(
+        "--engine",
+        choices=["process", "thread"],
+        default="process",
+        help="batch builders as processes (ipc to the broker) or threads (inproc)",
+    )
 
 
 def main(a) -> int:
@@ -450,6 +485,7 @@ def main(a) -> int:
             curve_allow=a.curve_allow,
             insecure=a.insecure,
             log_interval=a.log_interval,
+            engine=a.engine,
         )
     except (ValueError, KeyError, OSError) as e:
         print(f"datasvc serve: error: {e}", file=sys.stderr)
