@@ -1,0 +1,603 @@
+"""The trainer: recipe pieces (schedules, parameter groups, loss, mixing, Lookahead, EMA, the
+e-shifted L2), configs and overrides, atomic checkpoints, and end to end on real data: two gloo
+ranks under torchrun train a ResNet on scikit-learn's digits to >= 90% top-1, and a run killed
+with SIGKILL and resumed ends exactly where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from trainer import checkpoint as ckpt
+from trainer.config import (
+    AugmentConfig,
+    Config,
+    ConfigError,
+    OptimConfig,
+    load_config,
+    save_config,
+)
+from trainer.recipe import (
+    BatchMixer,
+    Lookahead,
+    LRSchedule,
+    ModelEMA,
+    Scheduler,
+    centralize_gradients_,
+    classification_loss,
+    cutout_,
+    eshifted_l2_,
+    param_groups,
+    scaled_lr,
+    smooth_one_hot,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "trainer" / "configs"
+
+
+# --- learning rate -----------------------------------------------------------------------------
+
+
+def test_lr_scaling():
+    assert scaled_lr(OptimConfig(lr=0.1, base_batch=128), 256) == pytest.approx(0.2)
+    assert scaled_lr(OptimConfig(lr=0.4, base_batch=1024), 1024) == pytest.approx(0.4)
+    assert scaled_lr(OptimConfig(lr=0.1, base_batch=0), 4096) == pytest.approx(0.1)
+
+
+def test_cosine_schedule_with_warmup():
+    s = LRSchedule(1.0, steps_per_epoch=10, epochs=10, schedule="cosine", warmup_epochs=2)
+    assert s(0) == pytest.approx(0.0)
+    assert s(5) == pytest.approx(0.25)  # half-way through the 2-epoch linear warm-up
+    assert s(10) == pytest.approx(0.5)
+    assert s(20) == pytest.approx(1.0)  # warm-up ends at the peak, where the cosine starts
+    assert s(60) == pytest.approx(0.5)  # half of the remaining 8 epochs: cos(pi / 2)
+    assert s(100) == pytest.approx(0.0, abs=1e-12)
+    values = [s(i) for i in range(20, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone after warm-up
+
+
+def test_cosine_schedule_floor_and_no_warmup():
+    s = LRSchedule(0.4, 5, 4, schedule="cosine", min_lr=0.1)
+    assert s(0) == pytest.approx(0.4)
+    assert s(10) == pytest.approx(0.4 * (0.1 + 0.9 * 0.5))
+    assert s(20) == pytest.approx(0.04)
+
+
+def test_step_schedule_30_60_90():
+    s = LRSchedule(0.1, steps_per_epoch=100, epochs=100, schedule="step", milestones=(30, 60, 90))
+    assert s(0) == pytest.approx(0.1)
+    assert s(2999) == pytest.approx(0.1)  # last step of epoch 29
+    assert s(3000) == pytest.approx(0.01)
+    assert s(6000) == pytest.approx(0.001)
+    assert s(9500) == pytest.approx(0.0001)
+    w = LRSchedule(0.1, 100, 100, schedule="step", warmup_epochs=5, warmup_start=0.1)
+    assert w(0) == pytest.approx(0.01)
+    assert w(250) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5))
+    assert w(500) == pytest.approx(0.1)
+
+
+def test_scheduler_sets_lr_per_step_and_resumes():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = Scheduler(opt, LRSchedule(1.0, 4, 2, warmup_epochs=1))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    for _ in range(3):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.75)
+    other = Scheduler(torch.optim.SGD(model.parameters(), lr=1.0), sched.schedule)
+    other.load_state_dict(sched.state_dict())
+    assert other.optimizer.param_groups[0]["lr"] == pytest.approx(0.75)
+
+
+# --- optimizer groups and weight-space tricks --------------------------------------------------
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8, bias=True),  # depthwise, with a bias
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def _names(model, group):
+    ids = {id(p) for p in group["params"]}
+    return sorted(n for n, p in model.named_parameters() if id(p) in ids)
+
+
+def test_no_decay_groups():
+    m = _small_net()
+    groups = {g["name"]: g for g in param_groups(m, 1e-4, no_decay_bias_norm=True)}
+    assert _names(m, groups["decay"]) == ["0.weight", "3.weight", "6.weight"]
+    assert _names(m, groups["no_decay"]) == ["1.bias", "1.weight", "3.bias", "6.bias"]
+    assert groups["decay"]["weight_decay"] == 1e-4 and groups["no_decay"]["weight_decay"] == 0
+    every = param_groups(m, 1e-4, no_decay_bias_norm=False)
+    assert len(every) == 1 and len(every[0]["params"]) == len(list(m.parameters()))
+
+
+def test_eshift_group_takes_dense_conv_filters_only():
+    m = _small_net()
+    groups = {g["name"]: g for g in param_groups(m, 1e-4, no_decay_bias_norm=True, eshift=True)}
+    assert _names(m, groups["eshift"]) == ["0.weight"]  # the depthwise filter keeps decay
+    assert groups["eshift"]["weight_decay"] == 0 and groups["eshift"]["eshift"] is True
+
+
+def test_eshifted_l2_gradient():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3, 3, 3))
+    w.grad = torch.zeros_like(w)
+    eshifted_l2_([w], strength=1e-4, eps=1e-3)
+    flat = w.detach().flatten(1)
+    mean, std = flat.mean(1, keepdim=True), flat.std(1, keepdim=True)
+    want = 1e-4 * ((1 - 1e-3 / std) * (flat - mean) + mean)
+    torch.testing.assert_close(w.grad.flatten(1), want)
+    # A filter whose std is eps is not pulled further: only its mean is decayed.
+    v = nn.Parameter(torch.tensor([[-1.0, 1.0]]).view(1, 2, 1, 1) * (1e-3 / math.sqrt(2)))
+    v.grad = torch.zeros_like(v)
+    eshifted_l2_([v], 1.0, 1e-3)
+    torch.testing.assert_close(v.grad, torch.zeros_like(v), atol=1e-9, rtol=0)
+
+
+def test_gradient_centralization_conv_only():
+    conv, fc = nn.Parameter(torch.randn(5, 3, 3, 3)), nn.Parameter(torch.randn(4, 5))
+    conv.grad, fc.grad = torch.randn_like(conv), torch.randn_like(fc)
+    fc_before = fc.grad.clone()
+    centralize_gradients_([conv, fc])
+    torch.testing.assert_close(conv.grad.mean(dim=(1, 2, 3)), torch.zeros(5), atol=1e-6, rtol=0)
+    assert torch.equal(fc.grad, fc_before)
+
+
+def test_lookahead_interpolates_every_k_steps():
+    p = nn.Parameter(torch.tensor([1.0]))
+    opt = Lookahead(torch.optim.SGD([p], lr=1.0), k=2, alpha=0.5)
+    for _ in range(2):
+        p.grad = torch.tensor([1.0])
+        opt.step()
+    # fast went 1 → 0 → -1; slow moves half-way from 1 to -1, and fast restarts there
+    assert p.item() == pytest.approx(0.0)
+    p.grad = torch.tensor([1.0])
+    opt.step()
+    assert p.item() == pytest.approx(-1.0)
+    state = opt.state_dict()
+    q = nn.Parameter(torch.tensor([5.0]))
+    other = Lookahead(torch.optim.SGD([q], lr=1.0), k=2, alpha=0.5)
+    other.load_state_dict(state)
+    assert other.steps == 3 and other.slow[0].item() == pytest.approx(0.0)
+
+
+def test_ema_update():
+    m = nn.Linear(2, 1, bias=False)
+    nn.init.ones_(m.weight)
+    ema = ModelEMA(m, decay=0.9)
+    with torch.no_grad():
+        m.weight.fill_(2.0)
+    ema.update(m)
+    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 1.1))
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# --- loss and device augmentation --------------------------------------------------------------
+
+
+def test_label_smoothing_loss():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    labels = torch.tensor([0, 2])
+    soft = smooth_one_hot(labels, 3, 0.1)
+    torch.testing.assert_close(soft.sum(1), torch.ones(2))
+    assert soft[0].tolist() == pytest.approx([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
+    hard = classification_loss(logits, labels, smoothing=0.1)
+    torch.testing.assert_close(hard, classification_loss(logits, soft))
+    manual = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+    torch.testing.assert_close(hard, manual)
+    plain = classification_loss(logits, labels)
+    torch.testing.assert_close(plain, nn.functional.cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix", "both"])
+def test_mixing_shapes_targets_and_determinism(kind):
+    alphas = {"mixup": (0.2, 0.0), "cutmix": (0.0, 1.0), "both": (0.2, 1.0)}[kind]
+    cfg = AugmentConfig(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], label_smoothing=0.1)
+    mixer = BatchMixer(cfg, num_classes=10, seed=3)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(8) % 10
+    a_img, a_t = mixer(x.clone(), y, epoch=1, step=5, rank=0)
+    b_img, b_t = mixer(x.clone(), y, epoch=1, step=5, rank=0)
+    assert a_img.shape == x.shape and a_t.shape == (8, 10) and a_t.dtype == torch.float32
+    torch.testing.assert_close(a_t.sum(1), torch.ones(8))
+    assert torch.equal(a_img, b_img) and torch.equal(a_t, b_t)  # a pure function of the step
+    c_img, _ = mixer(x.clone(), y, epoch=1, step=6, rank=0)
+    assert not torch.equal(a_img, c_img)
+
+
+def test_no_mixing_keeps_int_labels():
+    mixer = BatchMixer(AugmentConfig(label_smoothing=0.1), 10)
+    assert not mixer.active
+
+
+def test_cutout_zeroes_one_square_per_image():
+    import numpy as np
+
+    x = torch.ones(4, 3, 20, 20)
+    cutout_(x, 6, np.random.default_rng(0))
+    zeros = (x == 0).all(dim=1).sum(dim=(1, 2))
+    assert ((zeros > 0) & (zeros <= 36)).all()
+    assert torch.all((x == 0).all(dim=1) == (x == 0).any(dim=1))  # all channels alike
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_config_overrides_types_and_errors(tmp_path):
+    cfg = load_config(CONFIGS / "digits.yaml", [
+        "optim.lr=0.05", "data.batch_size=16", "optim.milestones=[2, 4]", "model.drop_rate=0",
+        "data.options.prefetch=3", "train.amp=bf16", "augment.mixup_alpha=1",
+        "optim.weight_decay=1e-4",
+    ])  # fmt: skip
+    assert cfg.optim.weight_decay == 1e-4  # YAML 1.1 reads 1e-4 as a string; floats accept it
+    assert cfg.optim.lr == 0.05 and cfg.data.batch_size == 16
+    assert cfg.optim.milestones == (2, 4) and isinstance(cfg.augment.mixup_alpha, float)
+    assert cfg.data.options == {"prefetch": 3} and cfg.train.amp == "bf16"
+    assert cfg.data.crop_scale == (0.35, 1.0)
+    with pytest.raises(ConfigError, match="valid: .*batch_size"):
+        load_config(None, ["data.batch=3"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(None, ["nope.x=1"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(None, ["data.batch_size=1.5"])
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=fp8"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="schedule"):
+        load_config(None, ["optim.schedule=linear"])
+    # saved beside the outputs, it reads back to the same config
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert cfg.replace({"optim.lr": 0.2}).optim.lr == 0.2
+    with pytest.raises(dataclasses.FrozenInstanceError):  # changed only by building a new one
+        cfg.optim.lr = 1.0
+
+
+SEEDS = {
+    # file: (model, per-GPU batch, peak lr at 8 GPUs, weight decay, schedule, epochs, amp)
+    "seed001_resnet50.yaml": ("resnet50", 32, 0.2, 5e-5, "cosine", 100, "none"),
+    "seed001_efficientnet_b0.yaml": ("efficientnet_b0", 32, 0.4, 1e-5, "cosine", 100, "none"),
+    "seed002_sge_resnet50.yaml": ("sge_resnet50", 32, 0.1, 1e-4, "step", 100, "none"),
+    "seed003_resnet50_fp16.yaml": ("resnet50", 128, 0.4, 1e-4, "cosine", 120, "fp16"),
+    "seed003_mobilenetv3_large.yaml": ("mobilenetv3_large", 256, 2.6, 3e-5, "cosine", 360, "fp16"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEEDS))
+def test_seed_configs(name):
+    from trainer.models import list_models
+
+    cfg = load_config(CONFIGS / name)
+    model, batch, lr, wd, schedule, epochs, amp = SEEDS[name]
+    assert cfg.model.name == model and model in list_models()
+    assert cfg.data.batch_size == batch
+    assert scaled_lr(cfg.optim, 8 * batch) == pytest.approx(lr)
+    assert cfg.optim.weight_decay == pytest.approx(wd)
+    assert (cfg.optim.schedule, cfg.train.epochs, cfg.train.amp) == (schedule, epochs, amp)
+    if name.startswith("seed003"):
+        assert cfg.optim.nesterov and cfg.optim.warmup_epochs == 5
+    if name == "seed002_sge_resnet50.yaml":
+        assert cfg.optim.milestones == (30, 60, 90) and not cfg.optim.nesterov
+    if name == "seed003_mobilenetv3_large.yaml":
+        assert cfg.augment.label_smoothing == 0.1 and cfg.optim.no_decay_bias_norm
+        assert cfg.model.drop_rate > 0
+
+
+def test_every_config_file_is_covered():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*SEEDS, "digits.yaml"])
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def test_checkpoint_roundtrip_with_rng(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = {"version": ckpt.CHECKPOINT_VERSION, "w": torch.arange(4.0),
+             "rng": ckpt.rng_state(), "cursor": {"epoch": 3, "batches_done": 7}}  # fmt: skip
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.save_atomic(state, tmp_path / "last.pt")
+    back = ckpt.load(tmp_path / "last.pt")  # weights_only: plain data and tensors
+    assert back["cursor"] == {"epoch": 3, "batches_done": 7}
+    ckpt.set_rng_state(back["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1])
+    assert expect[2] == got[2]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoint_failed_save_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic({"version": ckpt.CHECKPOINT_VERSION, "n": 1}, path)
+
+    def broken(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_atomic({"version": ckpt.CHECKPOINT_VERSION, "n": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path)["n"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+_WRITER = """
+import os, sys, torch
+from trainer import checkpoint as ckpt
+i = ckpt.load(sys.argv[1])["i"] if os.path.exists(sys.argv[1]) else 0  # continue the count
+while True:
+    i += 1
+    ckpt.save_atomic({"version": ckpt.CHECKPOINT_VERSION, "i": i,
+                      "w": torch.full((2_000_000,), float(i))}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_checkpoint_survives_sigkill_mid_write(tmp_path):
+    """A writer killed at random moments never leaves a torn ``last.pt``."""
+    path = tmp_path / "last.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    seen = 0
+    for delay in (0.6, 0.75, 0.9):
+        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], env=env,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+        p.stdout.readline()  # at least one complete save
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+        state = ckpt.load(path)
+        assert torch.all(state["w"] == float(state["i"]))
+        assert state["i"] >= seen
+        seen = state["i"]
+        p.stdout.close()
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert [q.name for q in tmp_path.iterdir()] == ["last.pt"]
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+
+
+def test_models_cli_json():
+    out = subprocess.run([sys.executable, "-m", "trainer", "models", "--json",
+                          "--pattern", "resnet*"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=300, check=True)  # fmt: skip
+    rows = json.loads(out.stdout)
+    by = {r["name"]: r for r in rows}
+    assert {"resnet18", "resnet50", "resnet101"} <= set(by)
+    assert all({"name", "params", "gflops"} <= set(r) and r["image_size"] == 224 for r in rows)
+    assert by["resnet50"]["params"] == 25_557_032
+    assert by["resnet50"]["gflops"] == pytest.approx(4.09, abs=0.05)
+
+
+def test_cli_rejects_bad_override():
+    out = subprocess.run([sys.executable, "-m", "trainer", "train", "--config",
+                          str(CONFIGS / "digits.yaml"), "optim.nope=1"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "valid:" in out.stderr
+
+
+# --- end to end on real data: torchrun, two gloo ranks -----------------------------------------
+
+DIGITS_STEPS = 132  # 6 epochs x 22 steps (1437 train images, 2 ranks x 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out: Path, pack: Path, *extra: str, resume: bool = False) -> list[str]:
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "trainer", "train", "--config", str(CONFIGS / "digits.yaml"),
+           f"data.source={pack}", f"train.out_dir={out}", "train.log_ids=true", *extra]  # fmt: skip
+    if not Path(cmd[0]).exists():
+        cmd[:1] = [sys.executable, "-m", "torch.distributed.run"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _run(cmd: list[str], timeout: float = 420) -> str:
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        err = p.stderr
+        first = err.find("Traceback")  # a rank's own error, before torchrun's summary
+        shown = err[first : first + 6000] if first >= 0 else err[-6000:]
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-2000:]}\n{shown}")
+    return p.stdout
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _ids(out: Path) -> dict[tuple[int, int], tuple[str, float]]:
+    """(rank, step) → (hash of the batch's sample ids, loss) from each rank's ids log."""
+    got = {}
+    for rank in (0, 1):
+        for r in _records(out / f"ids-rank{rank}.jsonl"):
+            got[rank, r["step"]] = (r["ids"], r["loss"])
+    return got
+
+
+@pytest.fixture(scope="module")
+def digits_pack(tmp_path_factory):
+    from tests.digits import make_digits_pack
+
+    return make_digits_pack(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_pack, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "uninterrupted"
+    t = time.perf_counter()
+    stdout = _run(_torchrun(out, digits_pack))
+    return out, stdout, time.perf_counter() - t
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_trains_digits(uninterrupted, digits_pack):
+    out, stdout, wall = uninterrupted
+    recs = _records(out / "metrics.jsonl")
+    val = [r for r in recs if r["kind"] == "val"]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert len(val) == 6 and all(r["count"] == 360 for r in val)  # every val image once
+    assert val[-1]["top1"] >= 90.0, val
+    assert train[-1]["step"] == DIGITS_STEPS
+    for r in train:  # the data-stall figure and throughput are logged every interval
+        assert 0.0 <= r["data_wait_frac"] < 1.0 and r["images_per_s"] > 0 and r["lr"] >= 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["top1"] == val[-1]["top1"] and 0 <= summary["data_wait_frac"] < 1
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert load_config(out / "config.yaml") == load_config(CONFIGS / "digits.yaml", [
+        f"data.source={digits_pack}", f"train.out_dir={out}", "train.log_ids=true"])  # fmt: skip
+    assert len(_ids(out)) == 2 * DIGITS_STEPS
+    print(f"\ndigits: top-1 {val[-1]['top1']:.2f}% in {wall:.0f}s wall, "
+          f"data wait {100 * summary['data_wait_frac']:.1f}%, "
+          f"{summary['images_per_s']:.0f} img/s")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_eval_cli_is_exact(uninterrupted):
+    """One process evaluates the final checkpoint to the count and accuracy two ranks logged."""
+    out, _, _ = uninterrupted
+    stdout = _run([sys.executable, "-m", "trainer", "eval", "--config", str(out / "config.yaml"),
+                   "--checkpoint", str(out / "last.pt")])  # fmt: skip
+    res = json.loads(stdout.strip().splitlines()[-1])
+    last = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "val"][-1]
+    assert res["count"] == last["count"] == 360
+    assert abs(res["top1"] - last["top1"]) <= 100 / 360 + 1e-9  # at most one near-tie flips
+    assert abs(res["top5"] - last["top5"]) <= 100 / 360 + 1e-9
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts each rank in its own
+    session, so a process-group kill would miss them)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_pack, tmp_path):
+    ref, _, _ = uninterrupted
+    out = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    p = subprocess.Popen(_torchrun(out, digits_pack), cwd=ROOT, env=_env(), stdout=log,
+                         stderr=subprocess.STDOUT)  # fmt: skip
+    # Kill once rank 0 is 5 steps past the checkpoint at step 50 (mid-epoch 3: its 7th batch).
+    kill_at = 55
+    deadline = time.time() + 300
+    ids0 = out / "ids-rank0.jsonl"
+    try:
+        while time.time() < deadline and p.poll() is None:
+            if ids0.exists() and any(r["step"] >= kill_at for r in _records_safe(ids0)):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be killed"
+    finally:
+        _kill_tree(p.pid)
+        log.close()
+    killed_at = max(r["step"] for r in _records_safe(ids0))
+    state = ckpt.load(out / ckpt.LAST)["progress"]
+    assert 0 < state["global_step"] < killed_at <= DIGITS_STEPS
+    assert 0 < state["step_in_epoch"] < state["steps_per_epoch"]  # taken mid-epoch
+
+    stdout = _run(_torchrun(out, digits_pack, resume=True))
+    assert f"step {state['global_step']}" in stdout  # "resumed from ...: epoch E, step S"
+
+    a, b = _ids(ref), _ids(out)
+    assert len(_records(out / "ids-rank0.jsonl")) == DIGITS_STEPS  # replayed steps not doubled
+    assert a.keys() == b.keys()
+    assert [a[k][0] for k in sorted(a)] == [b[k][0] for k in sorted(b)]  # same data order
+    for k in sorted(a):
+        assert b[k][1] == pytest.approx(a[k][1], rel=1e-4, abs=1e-4), k
+    va = [r for r in _records(ref / "metrics.jsonl") if r["kind"] == "val"]
+    vb = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "val"]
+    assert [r["epoch"] for r in vb] == list(range(6))
+    assert vb[-1]["top1"] == pytest.approx(va[-1]["top1"], abs=0.5)
+    assert vb[-1]["loss"] == pytest.approx(va[-1]["loss"], rel=1e-3, abs=1e-3)
+    ta = [r for r in _records(ref / "metrics.jsonl") if r["kind"] == "train"]
+    tb = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in tb] == [r["step"] for r in ta]
+    assert tb[-1]["loss"] == pytest.approx(ta[-1]["loss"], rel=1e-3, abs=1e-3)
+
+
+def _records_safe(path: Path) -> list[dict]:
+    """Records of a file another process is appending to (a last partial line is skipped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def test_config_defaults_validate():
+    cfg = Config()
+    assert cfg.to_dict()["optim"]["milestones"] == [30, 60, 90]
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.slow
+def test_every_trick_in_one_process(digits_pack, tmp_path):
+    """One rank, no torchrun: every recipe option at once trains, evaluates and checkpoints."""
+    from trainer.engine import Trainer, init_distributed
+
+    cfg = load_config(CONFIGS / "digits.yaml", [
+        f"data.source={digits_pack}", f"train.out_dir={tmp_path}", "train.epochs=1",
+        "data.batch_size=64", "train.amp=bf16", "augment.mixup_alpha=0.2",
+        "augment.cutmix_alpha=1.0", "augment.cutout=8", "augment.label_smoothing=0.1",
+        "optim.ema_decay=0.99", "optim.lookahead_k=5", "optim.grad_centralization=true",
+        "optim.eshift_l2=1e-4", "optim.clip_grad_norm=5", "model.zero_init_residual=true",
+        "model.drop_rate=0.1", "model.drop_path_rate=0.05", "train.plot=false",
+    ])  # fmt: skip
+    summary = Trainer(cfg, init_distributed("cpu")).fit()
+    final = summary["final"]
+    assert final["count"] == 360 and {"ema_top1", "ema_top5"} <= set(final)
+    train = [r for r in _records(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train)
+    state = ckpt.load(tmp_path / ckpt.LAST)
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "progress", "ranks"} <= set(state)
+    assert {"slow", "steps"} <= set(state["optimizer"])  # the Lookahead wrapper's state
+    assert state["scheduler"]["last_step"] == state["progress"]["global_step"] == 22
+    assert {"rng", "loader"} == set(state["ranks"][0])
+    assert (tmp_path / "config.yaml").exists() and not (tmp_path / "curves.png").exists()

@@ -1,0 +1,111 @@
+"""Checkpoints: written atomically, read back safely, and everything needed to resume exactly.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
+renamed over the previous one with ``os.replace`` (atomic on POSIX) and the folder is fsynced:
+a crash or ``kill -9`` at any moment leaves either the old or the new checkpoint, never a torn
+one. Only plain data and tensors are stored, so loading uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+CHECKPOINT_VERSION = 1
+
+
+def save_atomic(state: dict, path: str | os.PathLike) -> Path:
+    """``torch.save(state)`` to ``path`` so that readers see the old file or the new, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+    return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete temporaries left by writers that were killed mid-save; returns their paths."""
+    stale = glob.glob(os.path.join(folder, ".*.tmp-*"))
+    for p in stale:
+        pid = p.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another live process is writing it
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Read a checkpoint onto the CPU (tensors and plain data only; nothing is unpickled)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    version = state.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {version}, this trainer reads "
+                         f"version {CHECKPOINT_VERSION}")  # fmt: skip
+    return state
+
+
+# --- RNG states --------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's random states (torch CPU and CUDA, numpy, Python) as plain data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },  # fmt: skip
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))  # fmt: skip
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,172 @@
+"""The one place that wires loaders to the trainer: train/val loaders from a ``DataConfig``, and
+the device stage that turns uint8 batches into normalized (and mixed) float batches.
+
+uint8 stays uint8 until the device: batches are copied from pinned memory with non-blocking
+copies (on CUDA a side stream prepares the next batch while the current one trains), then
+normalized, and in training mixed, on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import NamedTuple
+
+import torch
+
+from datasvc.loaders import LOADERS, create_loader
+from trainer.config import ConfigError, DataConfig
+
+# Backends whose batches are built from ``loader.cfg`` (the TransformConfig) when iterated, so
+# the trainer can set the train crop's scale and flip there (see ``_set_train_transform``).
+_CFG_DRIVEN = {"custom", "dali_cpu", "dali_gpu"}
+
+
+def _accepts(backend: str, option: str) -> bool:
+    """Whether the backend's factory takes ``option`` (so trainer defaults go only where valid)."""
+    try:
+        params = inspect.signature(LOADERS.get(backend)).parameters
+    except (TypeError, ValueError):
+        return False
+    return option in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _options(cfg: DataConfig, device: torch.device) -> dict:
+    """Backend options: the config's, plus pinned memory on CUDA and this rank's GPU for
+    backends that decode there (only where the backend takes them and the config did not)."""
+    opts = dict(cfg.options)
+    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+    if "pin_memory" not in opts and pin and _accepts(cfg.backend, "pin_memory"):
+        opts["pin_memory"] = True
+    if "device_id" not in opts and device.type == "cuda" and _accepts(cfg.backend, "device_id"):
+        opts["device_id"] = device.index if device.index is not None else 0
+    return opts
+
+
+def _set_train_transform(loader, cfg: DataConfig) -> None:
+    """Apply ``crop_scale``/``hflip`` to a train loader; refuse where the backend ignores them."""
+    default = dataclasses.fields(DataConfig)
+    want = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip}
+    defaults = {"scale": next(f.default for f in default if f.name == "crop_scale"),
+                "hflip": next(f.default for f in default if f.name == "hflip")}  # fmt: skip
+    if want == defaults:
+        return
+    tcfg = getattr(loader, "cfg", None)
+    if cfg.backend not in _CFG_DRIVEN or tcfg is None:
+        raise ConfigError(f"loader backend {cfg.backend!r} cannot take data.crop_scale/hflip; "
+                         "leave them at their defaults")  # fmt: skip
+    # The loaders take no transform argument yet; their workers read ``loader.cfg`` when they
+    # start, so replacing it before the first iteration sets the crop for every batch.
+    loader.cfg = dataclasses.replace(tcfg, **want)
+
+
+def build_loader(cfg: DataConfig, *, train: bool, rank: int, world_size: int, seed: int,
+                 device: torch.device):  # fmt: skip
+    """The train (shuffled, full batches only) or val (every sample once over ranks) loader."""
+    loader = create_loader(
+        cfg.backend,
+        cfg.source,
+        split=cfg.train_split if train else cfg.val_split,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        image_size=cfg.image_size if train else cfg.eval_image_size,
+        train=train,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        workers=cfg.workers,
+        **_options(cfg, device),
+    )
+    if train:
+        _set_train_transform(loader, cfg)
+    return loader
+
+
+def pack_classes(cfg: DataConfig) -> list[str] | None:
+    """The class list of the data source when it is a local pack, else None."""
+    if isinstance(cfg.source, list | tuple) or cfg.backend == "remote":
+        return None
+    try:
+        from datasvc.packs import open_pack
+
+        return open_pack(cfg.source).classes
+    except Exception:  # noqa: BLE001 - an ImageFolder tree or an unreachable source
+        from pathlib import Path
+
+        root = Path(cfg.source) / cfg.train_split
+        if root.is_dir():
+            return sorted(p.name for p in root.iterdir() if p.is_dir())
+        return None
+
+
+class DeviceBatch(NamedTuple):
+    """A batch on the device: ``images`` float N×3×S×S normalized, ``labels`` int64 N (or soft
+    targets N×K after mixing), ``ids`` int64 N on the host, and ``cursor``: the loader's state
+    just after this batch (what a checkpoint taken once it has trained must hold, even when
+    later batches were already fetched ahead)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    cursor: dict
+
+
+class DeviceLoader:
+    """Iterates a loader's uint8 batches as normalized float batches on ``device``.
+
+    On CUDA the copy, normalization and mixing of batch ``i + 1`` run on a side stream while
+    batch ``i`` trains; elsewhere each batch is converted when asked for. ``channels_last`` keeps
+    images in NHWC memory, which convolutions prefer. ``mixer`` (train only) is a
+    ``recipe.BatchMixer``, keyed by (epoch, batch index, rank) so a resumed run mixes alike.
+    """
+
+    def __init__(self, loader, device: torch.device, mean, std, *, channels_last: bool = True,
+                 mixer=None, rank: int = 0):  # fmt: skip
+        self.loader = loader
+        self.device = device
+        self.channels_last = channels_last
+        self.mixer = mixer if mixer is not None and mixer.active else None
+        self.rank = rank
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _convert(self, batch, epoch: int, index: int) -> DeviceBatch:
+        cursor = self.loader.state_dict()  # called right after the loader yielded ``batch``
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.contiguous(memory_format=fmt).float()
+        images.sub_(self.mean).mul_(self.inv_std)
+        if self.mixer is not None:
+            images, labels = self.mixer(images, labels, epoch=epoch, step=index, rank=self.rank)
+        return DeviceBatch(images, labels, batch.ids, cursor)
+
+    def batches(self, epoch: int, start: int = 0):
+        """Yield the device batches of the loader's current pass; ``start`` is the index of the
+        first one within the epoch (the loader's cursor), which keys the mixing."""
+        it = iter(self.loader)
+        if self.stream is None:
+            for i, batch in enumerate(it, start):
+                yield self._convert(batch, epoch, i)
+            return
+        index = start
+        nxt = self._prefetch(it, epoch, index)
+        while nxt is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            cur = nxt
+            for t in (cur.images, cur.labels):
+                t.record_stream(torch.cuda.current_stream(self.device))
+            index += 1
+            nxt = self._prefetch(it, epoch, index)
+            yield cur
+
+    def _prefetch(self, it, epoch: int, index: int) -> DeviceBatch | None:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return None
+        with torch.cuda.stream(self.stream):
+            return self._convert(batch, epoch, index)
