@@ -47,6 +47,48 @@ class TransformConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    #: The fields a caller may set besides ``train`` and ``image_size``.
+    OPTIONS = ("scale", "ratio", "hflip", "eval_resize", "fast_decode")
+
+    @classmethod
+    def build(cls, train: bool, image_size: int, overrides=None) -> TransformConfig:
+        """``train`` and ``image_size`` plus optional overrides: a dict of ``OPTIONS`` or a
+        ``TransformConfig`` (whose train/image_size are replaced)."""
+        if overrides is None:
+            return cls(train=train, image_size=image_size)
+        if isinstance(overrides, TransformConfig):
+            overrides = {k: getattr(overrides, k) for k in cls.OPTIONS}
+        unknown = set(overrides) - set(cls.OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown transform options {sorted(unknown)}; valid: {cls.OPTIONS}")
+        d = dict(overrides)
+        for k in ("scale", "ratio"):
+            if k in d:
+                v = d[k]
+                if not (
+                    isinstance(v, (list, tuple))
+                    and len(v) == 2
+                    and all(isinstance(x, (int, float)) for x in v)
+                ):
+                    raise ValueError(f"transform {k} must be two numbers, got {v!r}")
+                d[k] = (float(v[0]), float(v[1]))
+        if "hflip" in d and not (isinstance(d["hflip"], (int, float)) and 0 <= d["hflip"] <= 1):
+            raise ValueError(f"transform hflip must be a probability, got {d['hflip']!r}")
+        if d.get("eval_resize") is not None and not (
+            type(d["eval_resize"]) is int and image_size <= d["eval_resize"] <= 4096
+        ):
+            raise ValueError("transform eval_resize must be an int >= image_size")
+        if "fast_decode" in d and type(d["fast_decode"]) is not bool:
+            raise ValueError("transform fast_decode must be true or false")
+        return cls(train=train, image_size=image_size, **d)
+
+    def options(self) -> dict:
+        """The overrides that rebuild this config with ``build`` (for the wire)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in ((k, getattr(self, k)) for k in self.OPTIONS)
+        }
+
     @classmethod
     def from_dict(cls, d: dict) -> TransformConfig:
         d = dict(d)

@@ -16,9 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_writes_json_table_and_plot(clean_pack, tmp_path):
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
-    cmd = [sys.executable, "-m", "datasvc.cli", "bench", str(clean_pack), "--backends",
-           "custom,torch,dali_gpu,remote", "--repeats", "1", "--batch-size", "16",
-           "--image-size", "64", "--workers", "1", "--json", str(out), "--plot", str(png)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "datasvc.cli",
+        "bench",
+        str(clean_pack),
+        "--backends",
+        "custom,torch,dali_gpu,remote",
+        "--repeats",
+        "1",
+        "--batch-size",
+        "16",
+        "--image-size",
+        "64",
+        "--workers",
+        "1",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())

@@ -245,11 +245,19 @@ def test_cutout_zeroes_one_square_per_image():
 
 
 def test_config_overrides_types_and_errors(tmp_path):
-    cfg = load_config(CONFIGS / "digits.yaml", [
-        "optim.lr=0.05", "data.batch_size=16", "optim.milestones=[2, 4]", "model.drop_rate=0",
-        "data.options.prefetch=3", "train.amp=bf16", "augment.mixup_alpha=1",
-        "optim.weight_decay=1e-4",
-    ])  # fmt: skip
+    cfg = load_config(
+        CONFIGS / "digits.yaml",
+        [
+            "optim.lr=0.05",
+            "data.batch_size=16",
+            "optim.milestones=[2, 4]",
+            "model.drop_rate=0",
+            "data.options.prefetch=3",
+            "train.amp=bf16",
+            "augment.mixup_alpha=1",
+            "optim.weight_decay=1e-4",
+        ],
+    )
     assert cfg.optim.weight_decay == 1e-4  # YAML 1.1 reads 1e-4 as a string; floats accept it
     assert cfg.optim.lr == 0.05 and cfg.data.batch_size == 16
     assert cfg.optim.milestones == (2, 4) and isinstance(cfg.augment.mixup_alpha, float)
@@ -317,8 +325,12 @@ def test_checkpoint_roundtrip_with_rng(tmp_path):
 
     import numpy as np
 
-    state = {"version": ckpt.CHECKPOINT_VERSION, "w": torch.arange(4.0),
-             "rng": ckpt.rng_state(), "cursor": {"epoch": 3, "batches_done": 7}}  # fmt: skip
+    state = {
+        "version": ckpt.CHECKPOINT_VERSION,
+        "w": torch.arange(4.0),
+        "rng": ckpt.rng_state(),
+        "cursor": {"epoch": 3, "batches_done": 7},
+    }
     expect = (torch.rand(3), np.random.rand(3), random.random())
     ckpt.save_atomic(state, tmp_path / "last.pt")
     back = ckpt.load(tmp_path / "last.pt")  # weights_only: plain data and tensors
@@ -364,8 +376,9 @@ def test_checkpoint_survives_sigkill_mid_write(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     seen = 0
     for delay in (0.6, 0.75, 0.9):
-        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], env=env,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+        p = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path)], env=env, stdout=subprocess.PIPE, text=True
+        )
         p.stdout.readline()  # at least one complete save
         time.sleep(delay)
         p.kill()
@@ -383,14 +396,24 @@ def test_checkpoint_survives_sigkill_mid_write(tmp_path):
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-            "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
 
 
 def test_models_cli_json():
-    out = subprocess.run([sys.executable, "-m", "trainer", "models", "--json",
-                          "--pattern", "resnet*"], cwd=ROOT, env=_env(), capture_output=True,
-                         text=True, timeout=300, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "models", "--json", "--pattern", "resnet*"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     rows = json.loads(out.stdout)
     by = {r["name"]: r for r in rows}
     assert {"resnet18", "resnet50", "resnet101"} <= set(by)
@@ -400,9 +423,22 @@ def test_models_cli_json():
 
 
 def test_cli_rejects_bad_override():
-    out = subprocess.run([sys.executable, "-m", "trainer", "train", "--config",
-                          str(CONFIGS / "digits.yaml"), "optim.nope=1"], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "train",
+            "--config",
+            str(CONFIGS / "digits.yaml"),
+            "optim.nope=1",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "valid:" in out.stderr
 
 
@@ -417,11 +453,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(out: Path, pack: Path, *extra: str, resume: bool = False) -> list[str]:
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "trainer", "train", "--config", str(CONFIGS / "digits.yaml"),
-           f"data.source={pack}", f"train.out_dir={out}", "train.log_ids=true", *extra]  # fmt: skip
+def _served(endpoint: str) -> list[str]:
+    """Overrides that take the batches from ``datasvc serve`` at ``endpoint``."""
+    return ["data.backend=remote", f"data.source={endpoint}", "data.options.pack=digits"]
+
+
+def _torchrun(out: Path, endpoint: str, *extra: str, resume: bool = False) -> list[str]:
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "trainer",
+        "train",
+        "--config",
+        str(CONFIGS / "digits.yaml"),
+        *_served(endpoint),
+        f"train.out_dir={out}",
+        "train.log_ids=true",
+        *extra,
+    ]
     if not Path(cmd[0]).exists():
         cmd[:1] = [sys.executable, "-m", "torch.distributed.run"]
     return cmd + (["--resume"] if resume else [])
@@ -458,15 +513,24 @@ def digits_pack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_pack, tmp_path_factory):
+def digits_server(digits_pack):
+    """``datasvc serve digits=PACK`` on 127.0.0.1: the ranks' data source."""
+    from datasvc.service.local import LocalServer
+
+    with LocalServer([f"digits={digits_pack}"], workers=1) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "uninterrupted"
     t = time.perf_counter()
-    stdout = _run(_torchrun(out, digits_pack))
+    stdout = _run(_torchrun(out, digits_server.endpoint))
     return out, stdout, time.perf_counter() - t
 
 
 @pytest.mark.slow
-def test_torchrun_gloo_trains_digits(uninterrupted, digits_pack):
+def test_torchrun_gloo_trains_digits(uninterrupted, digits_server):
     out, stdout, wall = uninterrupted
     recs = _records(out / "metrics.jsonl")
     val = [r for r in recs if r["kind"] == "val"]
@@ -479,20 +543,34 @@ def test_torchrun_gloo_trains_digits(uninterrupted, digits_pack):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["top1"] == val[-1]["top1"] and 0 <= summary["data_wait_frac"] < 1
     assert (out / "curves.png").stat().st_size > 10_000
-    assert load_config(out / "config.yaml") == load_config(CONFIGS / "digits.yaml", [
-        f"data.source={digits_pack}", f"train.out_dir={out}", "train.log_ids=true"])  # fmt: skip
+    assert load_config(out / "config.yaml") == load_config(
+        CONFIGS / "digits.yaml",
+        [*_served(digits_server.endpoint), f"train.out_dir={out}", "train.log_ids=true"],
+    )
     assert len(_ids(out)) == 2 * DIGITS_STEPS
-    print(f"\ndigits: top-1 {val[-1]['top1']:.2f}% in {wall:.0f}s wall, "
-          f"data wait {100 * summary['data_wait_frac']:.1f}%, "
-          f"{summary['images_per_s']:.0f} img/s")  # fmt: skip
+    print(
+        f"\ndigits: top-1 {val[-1]['top1']:.2f}% in {wall:.0f}s wall, "
+        f"data wait {100 * summary['data_wait_frac']:.1f}%, "
+        f"{summary['images_per_s']:.0f} img/s"
+    )
 
 
 @pytest.mark.slow
 def test_eval_cli_is_exact(uninterrupted):
     """One process evaluates the final checkpoint to the count and accuracy two ranks logged."""
     out, _, _ = uninterrupted
-    stdout = _run([sys.executable, "-m", "trainer", "eval", "--config", str(out / "config.yaml"),
-                   "--checkpoint", str(out / "last.pt")])  # fmt: skip
+    stdout = _run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "eval",
+            "--config",
+            str(out / "config.yaml"),
+            "--checkpoint",
+            str(out / "last.pt"),
+        ]
+    )
     res = json.loads(stdout.strip().splitlines()[-1])
     last = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "val"][-1]
     assert res["count"] == last["count"] == 360
@@ -516,12 +594,17 @@ def _kill_tree(pid: int) -> None:
 
 
 @pytest.mark.slow
-def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_pack, tmp_path):
+def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_server, tmp_path):
     ref, _, _ = uninterrupted
     out = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
-    p = subprocess.Popen(_torchrun(out, digits_pack), cwd=ROOT, env=_env(), stdout=log,
-                         stderr=subprocess.STDOUT)  # fmt: skip
+    p = subprocess.Popen(
+        _torchrun(out, digits_server.endpoint),
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     # Kill once rank 0 is 5 steps past the checkpoint at step 50 (mid-epoch 3: its 7th batch).
     kill_at = 55
     deadline = time.time() + 300
@@ -540,7 +623,7 @@ def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_pack, tmp
     assert 0 < state["global_step"] < killed_at <= DIGITS_STEPS
     assert 0 < state["step_in_epoch"] < state["steps_per_epoch"]  # taken mid-epoch
 
-    stdout = _run(_torchrun(out, digits_pack, resume=True))
+    stdout = _run(_torchrun(out, digits_server.endpoint, resume=True))
     assert f"step {state['global_step']}" in stdout  # "resumed from ...: epoch E, step S"
 
     a, b = _ids(ref), _ids(out)
@@ -582,14 +665,29 @@ def test_every_trick_in_one_process(digits_pack, tmp_path):
     """One rank, no torchrun: every recipe option at once trains, evaluates and checkpoints."""
     from trainer.engine import Trainer, init_distributed
 
-    cfg = load_config(CONFIGS / "digits.yaml", [
-        f"data.source={digits_pack}", f"train.out_dir={tmp_path}", "train.epochs=1",
-        "data.batch_size=64", "train.amp=bf16", "augment.mixup_alpha=0.2",
-        "augment.cutmix_alpha=1.0", "augment.cutout=8", "augment.label_smoothing=0.1",
-        "optim.ema_decay=0.99", "optim.lookahead_k=5", "optim.grad_centralization=true",
-        "optim.eshift_l2=1e-4", "optim.clip_grad_norm=5", "model.zero_init_residual=true",
-        "model.drop_rate=0.1", "model.drop_path_rate=0.05", "train.plot=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        CONFIGS / "digits.yaml",
+        [
+            f"data.source={digits_pack}",
+            f"train.out_dir={tmp_path}",
+            "train.epochs=1",
+            "data.batch_size=64",
+            "train.amp=bf16",
+            "augment.mixup_alpha=0.2",
+            "augment.cutmix_alpha=1.0",
+            "augment.cutout=8",
+            "augment.label_smoothing=0.1",
+            "optim.ema_decay=0.99",
+            "optim.lookahead_k=5",
+            "optim.grad_centralization=true",
+            "optim.eshift_l2=1e-4",
+            "optim.clip_grad_norm=5",
+            "model.zero_init_residual=true",
+            "model.drop_rate=0.1",
+            "model.drop_path_rate=0.05",
+            "train.plot=false",
+        ],
+    )
     summary = Trainer(cfg, init_distributed("cpu")).fit()
     final = summary["final"]
     assert final["count"] == 360 and {"ema_top1", "ema_top5"} <= set(final)

@@ -28,9 +28,17 @@ def _cmd_train(a) -> int:
     summary = train(cfg, resume=resume)
     final = summary.get("final") or {}
     if final and _rank() == 0:
-        print(json.dumps({"top1": final.get("top1"), "top5": final.get("top5"),
-                          "steps": summary["steps"], "wall_s": round(summary["wall_s"], 1),
-                          "data_wait_frac": round(summary["data_wait_frac"], 4)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "top1": final.get("top1"),
+                    "top5": final.get("top5"),
+                    "steps": summary["steps"],
+                    "wall_s": round(summary["wall_s"], 1),
+                    "data_wait_frac": round(summary["data_wait_frac"], 4),
+                }
+            )
+        )
     return 0
 
 
@@ -77,8 +85,12 @@ def _profile(models, name: str, size: int) -> dict:
         x = torch.zeros(1, 3, size, size)
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             m(x)
-    return {"name": name, "params": sum(p.numel() for p in m.parameters()),
-            "gflops": round(fc.get_total_flops() / 2e9, 3), "image_size": size}  # fmt: skip
+    return {
+        "name": name,
+        "params": sum(p.numel() for p in m.parameters()),
+        "gflops": round(fc.get_total_flops() / 2e9, 3),
+        "image_size": size,
+    }
 
 
 def _cmd_models(a) -> int:
@@ -93,8 +105,11 @@ def _cmd_models(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model (run under torchrun for several ranks)")

@@ -71,8 +71,9 @@ def load(path: str | os.PathLike) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     version = state.get("version")
     if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {version}, this trainer reads "
-                         f"version {CHECKPOINT_VERSION}")  # fmt: skip
+        raise ValueError(
+            f"{path}: checkpoint version {version}, this trainer reads version {CHECKPOINT_VERSION}"
+        )
     return state
 
 
@@ -91,7 +92,7 @@ def rng_state(device: torch.device | None = None) -> dict:
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),
-        },  # fmt: skip
+        },
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
     }
     if device is not None and device.type == "cuda":
@@ -103,8 +104,9 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     """Restore what ``rng_state`` returned."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))  # fmt: skip
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and device is not None and device.type == "cuda":

@@ -57,8 +57,10 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.val_batch_size is None or self.val_batch_size >= 1,
-               "data.val_batch_size must be >= 1")  # fmt: skip
+        _check(
+            self.val_batch_size is None or self.val_batch_size >= 1,
+            "data.val_batch_size must be >= 1",
+        )
         _check(8 <= self.image_size <= 1024, f"data.image_size out of range: {self.image_size}")
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < lo <= hi <= 1: {lo, hi}")
@@ -117,8 +119,10 @@ class AugmentConfig:
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "augment.label_smoothing must be in [0, 1)")
         _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup/cutmix alpha must be >= 0")
-        _check(0 <= self.mix_prob <= 1 and 0 <= self.switch_prob <= 1,
-               "augment.mix_prob and switch_prob must be probabilities")  # fmt: skip
+        _check(
+            0 <= self.mix_prob <= 1 and 0 <= self.switch_prob <= 1,
+            "augment.mix_prob and switch_prob must be probabilities",
+        )
         _check(self.cutout >= 0, "augment.cutout must be >= 0")
 
     @property
@@ -168,8 +172,10 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1): {self.momentum}")
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov needs momentum > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
-        _check(self.schedule in ("cosine", "step", "constant"),
-               f"optim.schedule: cosine, step or constant, not {self.schedule!r}")  # fmt: skip
+        _check(
+            self.schedule in ("cosine", "step", "constant"),
+            f"optim.schedule: cosine, step or constant, not {self.schedule!r}",
+        )
         _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must ascend")
         _check(self.warmup_epochs >= 0 and 0 <= self.warmup_start <= 1, "bad warm-up settings")
         _check(0 <= self.min_lr < 1, "optim.min_lr is a fraction of the peak lr, in [0, 1)")
@@ -241,8 +247,9 @@ class Config:
         d = d or {}
         unknown = set(d) - set(SECTIONS)
         _check(not unknown, f"unknown config section(s) {sorted(unknown)}; valid: {list(SECTIONS)}")
-        return cls(**{name: _section(name, kind, d.get(name) or {})
-                      for name, kind in SECTIONS.items()})  # fmt: skip
+        return cls(
+            **{name: _section(name, kind, d.get(name) or {}) for name, kind in SECTIONS.items()}
+        )
 
     def replace(self, values: dict[str, object]) -> Config:
         """A copy with ``{"section.key": value}`` applied, validated again."""
@@ -282,12 +289,16 @@ def _coerce(kind, value, where: str):
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, int | float) and not isinstance(value, bool),
-               f"{where}: expected a number, got {value!r}")  # fmt: skip
+        _check(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            f"{where}: expected a number, got {value!r}",
+        )
         return float(value)
     if kind is int:
-        _check(isinstance(value, int) and not isinstance(value, bool),
-               f"{where}: expected an integer, got {value!r}")  # fmt: skip
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{where}: expected an integer, got {value!r}",
+        )
         return value
     if kind is bool:
         _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")

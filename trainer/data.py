@@ -8,18 +8,13 @@ normalized, and in training mixed, on the device.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import NamedTuple
 
 import torch
 
 from datasvc.loaders import LOADERS, create_loader
-from trainer.config import ConfigError, DataConfig
-
-# Backends whose batches are built from ``loader.cfg`` (the TransformConfig) when iterated, so
-# the trainer can set the train crop's scale and flip there (see ``_set_train_transform``).
-_CFG_DRIVEN = {"custom", "dali_cpu", "dali_gpu"}
+from trainer.config import DataConfig
 
 
 def _accepts(backend: str, option: str) -> bool:
@@ -43,25 +38,16 @@ def _options(cfg: DataConfig, device: torch.device) -> dict:
     return opts
 
 
-def _set_train_transform(loader, cfg: DataConfig) -> None:
-    """Apply ``crop_scale``/``hflip`` to a train loader; refuse where the backend ignores them."""
-    default = dataclasses.fields(DataConfig)
-    want = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip}
-    defaults = {"scale": next(f.default for f in default if f.name == "crop_scale"),
-                "hflip": next(f.default for f in default if f.name == "hflip")}  # fmt: skip
-    if want == defaults:
-        return
-    tcfg = getattr(loader, "cfg", None)
-    if cfg.backend not in _CFG_DRIVEN or tcfg is None:
-        raise ConfigError(f"loader backend {cfg.backend!r} cannot take data.crop_scale/hflip; "
-                         "leave them at their defaults")  # fmt: skip
-    # The loaders take no transform argument yet; their workers read ``loader.cfg`` when they
-    # start, so replacing it before the first iteration sets the crop for every batch.
-    loader.cfg = dataclasses.replace(tcfg, **want)
+def _transform(cfg: DataConfig, train: bool) -> dict | None:
+    """The train crop's scale and flip from the config (every backend honours them)."""
+    if not train:
+        return None
+    return {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip}
 
 
-def build_loader(cfg: DataConfig, *, train: bool, rank: int, world_size: int, seed: int,
-                 device: torch.device):  # fmt: skip
+def build_loader(
+    cfg: DataConfig, *, train: bool, rank: int, world_size: int, seed: int, device: torch.device
+):
     """The train (shuffled, full batches only) or val (every sample once over ranks) loader."""
     loader = create_loader(
         cfg.backend,
@@ -74,16 +60,24 @@ def build_loader(cfg: DataConfig, *, train: bool, rank: int, world_size: int, se
         world_size=world_size,
         seed=seed,
         workers=cfg.workers,
+        transform=_transform(cfg, train),
         **_options(cfg, device),
     )
-    if train:
-        _set_train_transform(loader, cfg)
     return loader
 
 
 def pack_classes(cfg: DataConfig) -> list[str] | None:
-    """The class list of the data source when it is a local pack, else None."""
-    if isinstance(cfg.source, list | tuple) or cfg.backend == "remote":
+    """The class list of the data source: a local pack's, or the server's for ``remote``."""
+    if cfg.backend == "remote":
+        from datasvc.service.client import BatchClient
+
+        source = ",".join(cfg.source) if isinstance(cfg.source, list | tuple) else cfg.source
+        client = BatchClient(source, dead_after=60.0)
+        try:
+            return client.call("ping").get("classes", {}).get(cfg.options.get("pack")) or None
+        finally:
+            client.close()
+    if isinstance(cfg.source, list | tuple):
         return None
     try:
         from datasvc.packs import open_pack
@@ -119,8 +113,17 @@ class DeviceLoader:
     ``recipe.BatchMixer``, keyed by (epoch, batch index, rank) so a resumed run mixes alike.
     """
 
-    def __init__(self, loader, device: torch.device, mean, std, *, channels_last: bool = True,
-                 mixer=None, rank: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        loader,
+        device: torch.device,
+        mean,
+        std,
+        *,
+        channels_last: bool = True,
+        mixer=None,
+        rank: int = 0,
+    ):
         self.loader = loader
         self.device = device
         self.channels_last = channels_last

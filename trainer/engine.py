@@ -71,8 +71,9 @@ def init_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None)  # fmt: skip
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
+        )
     return Dist(rank, world, local, dev)
 
 
@@ -148,8 +149,9 @@ def prepare_model(model: nn.Module, cfg: Config, d: Dist) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader, d: Dist, amp: str = "none",
-             epoch: int = 0) -> dict:  # fmt: skip
+def evaluate(
+    model: nn.Module, loader: DeviceLoader, d: Dist, amp: str = "none", epoch: int = 0
+) -> dict:
     """Top-1, top-5 and loss over the whole split: every sample counted once across ranks.
 
     The loader gives each sample to exactly one rank (no padding, no duplicates); per-rank sums
@@ -196,8 +198,11 @@ class JsonlLog:
         if resume_step is None:
             path.unlink(missing_ok=True)
         elif path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(k + "\n" for k in keep))
             os.replace(tmp, path)
@@ -266,29 +271,53 @@ class Trainer:
 
         model = prepare_model(build_model(cfg.model, self.num_classes), cfg, d)
         self.model = model
-        self.ddp = (nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-            if d.enabled else model)  # fmt: skip
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            )
+            if d.enabled
+            else model
+        )
 
-        self.train_loader = build_loader(cfg.data, train=True, rank=d.rank, world_size=d.world_size,
-                                         seed=tc.seed, device=d.device)  # fmt: skip
-        self.val_loader = build_loader(cfg.data, train=False, rank=d.rank, world_size=d.world_size,
-                                       seed=tc.seed, device=d.device)  # fmt: skip
+        self.train_loader = build_loader(
+            cfg.data,
+            train=True,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=tc.seed,
+            device=d.device,
+        )
+        self.val_loader = build_loader(
+            cfg.data,
+            train=False,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=tc.seed,
+            device=d.device,
+        )
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch < 1:
             raise ValueError("the train split yields no full batch per rank; lower data.batch_size")
         mixer = BatchMixer(cfg.augment, self.num_classes, seed=tc.seed)
-        self.train_batches = DeviceLoader(self.train_loader, d.device, cfg.data.mean, cfg.data.std,
-                                          channels_last=tc.channels_last, mixer=mixer,
-                                          rank=d.rank)  # fmt: skip
-        self.val_batches = DeviceLoader(self.val_loader, d.device, cfg.data.mean, cfg.data.std,
-                                        channels_last=tc.channels_last)  # fmt: skip
+        self.train_batches = DeviceLoader(
+            self.train_loader,
+            d.device,
+            cfg.data.mean,
+            cfg.data.std,
+            channels_last=tc.channels_last,
+            mixer=mixer,
+            rank=d.rank,
+        )
+        self.val_batches = DeviceLoader(
+            self.val_loader, d.device, cfg.data.mean, cfg.data.std, channels_last=tc.channels_last
+        )
 
         self.global_batch = cfg.data.batch_size * d.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
         self.optimizer = build_optimizer(model, cfg.optim, self.peak_lr)
-        self.schedule = LRSchedule.from_config(cfg.optim, self.peak_lr, self.steps_per_epoch,
-                                               tc.epochs)  # fmt: skip
+        self.schedule = LRSchedule.from_config(
+            cfg.optim, self.peak_lr, self.steps_per_epoch, tc.epochs
+        )
         self.scheduler = Scheduler(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=tc.amp == "fp16")
         self.ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
@@ -320,7 +349,7 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step,
                 "steps_per_epoch": self.steps_per_epoch,
-            },  # fmt: skip
+            },
             "world_size": self.d.world_size,
             "last_val": self.last_val,
         }
@@ -364,8 +393,11 @@ class Trainer:
                 )
             self.global_step = (self.epoch + 1) * self.steps_per_epoch
             self.scheduler.load_state_dict({"last_step": self.global_step})
-            _say(self.d, f"resume: {p['steps_per_epoch']} → {self.steps_per_epoch} steps per "
-                         "epoch; the schedule continues from the next epoch")  # fmt: skip
+            _say(
+                self.d,
+                f"resume: {p['steps_per_epoch']} → {self.steps_per_epoch} steps per "
+                "epoch; the schedule continues from the next epoch",
+            )
         else:
             mine = ranks[self.d.rank] if same_world else ranks[0]
             self.train_loader.load_state_dict(mine["loader"])
@@ -424,17 +456,23 @@ class Trainer:
         if resume is not None:
             self.load(resume)
         elif (self.out / ckpt.LAST).exists():
-            _say(d, f"note: {self.out} holds a checkpoint of an earlier run; this fresh run "
-                    "replaces it (use --resume to continue it instead)")  # fmt: skip
+            _say(
+                d,
+                f"note: {self.out} holds a checkpoint of an earlier run; this fresh run "
+                "replaces it (use --resume to continue it instead)",
+            )
         resume_step = self.global_step if resume is not None else None
         log = JsonlLog(self.out / "metrics.jsonl", resume_step) if d.main else None
         ids_log = None
         if tc.log_ids:
             self.out.mkdir(parents=True, exist_ok=True)
             ids_log = JsonlLog(self.out / f"ids-rank{d.rank}.jsonl", resume_step)
-        _say(d, f"training {cfg.model.name} ({self.num_classes} classes) on {d.world_size} "
-                f"rank(s), {d.device.type}; {self.steps_per_epoch} steps/epoch, global batch "
-                f"{self.global_batch}, peak lr {self.peak_lr:.4g}")  # fmt: skip
+        _say(
+            d,
+            f"training {cfg.model.name} ({self.num_classes} classes) on {d.world_size} "
+            f"rank(s), {d.device.type}; {self.steps_per_epoch} steps/epoch, global batch "
+            f"{self.global_batch}, peak lr {self.peak_lr:.4g}",
+        )
 
         waited = 0.0
         loss_sum = torch.zeros((), device=d.device)
@@ -459,10 +497,15 @@ class Trainer:
                     loss_sum += loss.float()
                     n_steps += 1
                     if ids_log is not None:
-                        ids_log.write({"step": self.global_step, "epoch": self.epoch,
-                                       "index": self.step_in_epoch - 1,
-                                       "ids": ids_digest(batch.ids),
-                                       "loss": float(loss)})  # fmt: skip
+                        ids_log.write(
+                            {
+                                "step": self.global_step,
+                                "epoch": self.epoch,
+                                "index": self.step_in_epoch - 1,
+                                "ids": ids_digest(batch.ids),
+                                "loss": float(loss),
+                            }
+                        )
                     end_of_epoch = self.step_in_epoch >= self.steps_per_epoch
                     if self.global_step % tc.log_interval == 0 or end_of_epoch:
                         rec = self._log_interval(loss_sum, n_steps, waited, t_log, totals)
@@ -470,8 +513,11 @@ class Trainer:
                             log.write(rec)
                         loss_sum.zero_()
                         n_steps, waited, t_log = 0, 0.0, time.perf_counter()
-                    if tc.ckpt_interval and self.global_step % tc.ckpt_interval == 0 \
-                            and not end_of_epoch:  # fmt: skip
+                    if (
+                        tc.ckpt_interval
+                        and self.global_step % tc.ckpt_interval == 0
+                        and not end_of_epoch
+                    ):
                         self.save()
                 # End of the epoch: evaluate, then checkpoint (so a resume never skips an eval).
                 if (self.epoch + 1) % tc.eval_interval == 0 or self.epoch + 1 == tc.epochs:
@@ -480,11 +526,13 @@ class Trainer:
                     rec = {"kind": "val", "epoch": self.epoch, "step": self.global_step, **res}
                     if log is not None:
                         log.write(rec)
-                    _say(d, f"epoch {self.epoch + 1}/{tc.epochs} val top-1 {res['top1']:.2f}% "
-                            f"top-5 {res['top5']:.2f}% loss {res['loss']:.4f} "
-                            f"({res['count']} images)"
-                            + (f"; EMA top-1 {res['ema_top1']:.2f}%" if "ema_top1" in res
-                               else ""))  # fmt: skip
+                    _say(
+                        d,
+                        f"epoch {self.epoch + 1}/{tc.epochs} val top-1 {res['top1']:.2f}% "
+                        f"top-5 {res['top5']:.2f}% loss {res['loss']:.4f} "
+                        f"({res['count']} images)"
+                        + (f"; EMA top-1 {res['ema_top1']:.2f}%" if "ema_top1" in res else ""),
+                    )
                 self.step_in_epoch = self.steps_per_epoch
                 self.save()
                 self.epoch += 1
@@ -543,10 +591,13 @@ class Trainer:
         }
         if not math.isfinite(loss):
             _say(d, f"warning: non-finite loss at step {self.global_step}")
-        _say(d, f"epoch {self.epoch + 1} step {self.global_step} "
-                f"({self.step_in_epoch}/{self.steps_per_epoch}) loss {loss:.4f} "
-                f"lr {rec['lr']:.4g} {rec['images_per_s']:.0f} img/s "
-                f"data-wait {100 * rec['data_wait_frac']:.1f}%")  # fmt: skip
+        _say(
+            d,
+            f"epoch {self.epoch + 1} step {self.global_step} "
+            f"({self.step_in_epoch}/{self.steps_per_epoch}) loss {loss:.4f} "
+            f"lr {rec['lr']:.4g} {rec['images_per_s']:.0f} img/s "
+            f"data-wait {100 * rec['data_wait_frac']:.1f}%",
+        )
         return rec
 
 
@@ -598,11 +649,18 @@ def evaluate_checkpoint(cfg: Config, path: str | os.PathLike, use_ema: bool = Fa
             raise ValueError(f"{path} holds no EMA weights")
         model = prepare_model(build_model(cfg.model, resolve_num_classes(cfg)), cfg, d)
         model.load_state_dict(weights)
-        loader = build_loader(cfg.data, train=False, rank=d.rank, world_size=d.world_size,
-                              seed=cfg.train.seed, device=d.device)  # fmt: skip
+        loader = build_loader(
+            cfg.data,
+            train=False,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=cfg.train.seed,
+            device=d.device,
+        )
         try:
-            batches = DeviceLoader(loader, d.device, cfg.data.mean, cfg.data.std,
-                                   channels_last=cfg.train.channels_last)  # fmt: skip
+            batches = DeviceLoader(
+                loader, d.device, cfg.data.mean, cfg.data.std, channels_last=cfg.train.channels_last
+            )
             res = evaluate(model, batches, d, cfg.train.amp)
         finally:
             loader.close()

@@ -35,9 +35,19 @@ class LRSchedule:
     multiplies by ``gamma`` from each milestone epoch on; "constant" stays at ``peak``.
     """
 
-    def __init__(self, peak: float, steps_per_epoch: int, epochs: int, *, schedule="cosine",
-                 milestones=(30, 60, 90), gamma=0.1, warmup_epochs=0.0, warmup_start=0.0,
-                 min_lr=0.0):  # fmt: skip
+    def __init__(
+        self,
+        peak: float,
+        steps_per_epoch: int,
+        epochs: int,
+        *,
+        schedule="cosine",
+        milestones=(30, 60, 90),
+        gamma=0.1,
+        warmup_epochs=0.0,
+        warmup_start=0.0,
+        min_lr=0.0,
+    ):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.peak = peak
@@ -52,9 +62,17 @@ class LRSchedule:
 
     @classmethod
     def from_config(cls, cfg: OptimConfig, peak: float, steps_per_epoch: int, epochs: int):
-        return cls(peak, steps_per_epoch, epochs, schedule=cfg.schedule, milestones=cfg.milestones,
-                   gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs,
-                   warmup_start=cfg.warmup_start, min_lr=cfg.min_lr)  # fmt: skip
+        return cls(
+            peak,
+            steps_per_epoch,
+            epochs,
+            schedule=cfg.schedule,
+            milestones=cfg.milestones,
+            gamma=cfg.gamma,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_start=cfg.warmup_start,
+            min_lr=cfg.min_lr,
+        )
 
     def factor(self, step: int) -> float:
         """The multiplier of ``peak`` at optimizer step ``step`` (0-based)."""
@@ -116,16 +134,18 @@ def is_eshift_param(p: torch.Tensor) -> bool:
     return p.ndim == 4 and p.shape[1] != 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_norm: bool = False,
-                 eshift: bool = False) -> list[dict]:  # fmt: skip
+def param_groups(
+    model: nn.Module, weight_decay: float, *, no_decay_bias_norm: bool = False, eshift: bool = False
+) -> list[dict]:
     """Split parameters into SGD groups: decayed, not decayed, and e-shifted L2 filters.
 
     ``no_decay_bias_norm``: biases and the weights of norm layers get no weight decay.
     ``eshift``: non-depthwise conv filters get no weight decay (the e-shifted L2 regularizes
     them instead) and are marked ``eshift: True``. Empty groups are left out.
     """
-    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS)
-                   for p in m.parameters(recurse=False)}  # fmt: skip
+    norm_params = {
+        id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)
+    }
     decay, no_decay, shifted = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -146,10 +166,12 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_norm: b
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float):
     """SGD (momentum, Nesterov option) over ``param_groups``; wrapped in Lookahead if asked."""
-    groups = param_groups(model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm,
-                          eshift=cfg.eshift_l2 > 0)  # fmt: skip
-    opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)  # fmt: skip
+    groups = param_groups(
+        model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm, eshift=cfg.eshift_l2 > 0
+    )
+    opt = torch.optim.SGD(
+        groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
     if cfg.lookahead_k:
         opt = Lookahead(opt, k=cfg.lookahead_k, alpha=cfg.lookahead_alpha)
     return opt
@@ -222,8 +244,13 @@ class Lookahead:
         return loss
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "slow": self.slow, "steps": self.steps,
-                "k": self.k, "alpha": self.alpha}  # fmt: skip
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "slow": self.slow,
+            "steps": self.steps,
+            "k": self.k,
+            "alpha": self.alpha,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -270,8 +297,9 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.
     return out.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor,
-                        smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
+def classification_loss(
+    logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean cross-entropy against int labels (N,) with label smoothing, or soft targets (N, K).
 
     Computed in float32 whatever the autocast dtype of ``logits``.
@@ -304,8 +332,9 @@ class BatchMixer:
     def active(self) -> bool:
         return self.cfg.mixing or self.cfg.cutout > 0
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, step: int,
-                 rank: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, step: int, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         rng = batch_rng(self.seed, epoch, step, rank)
         if cfg.cutout:
@@ -332,8 +361,9 @@ def mixup_(images: torch.Tensor, perm: torch.Tensor, lam: float) -> None:
     images.mul_(lam).add_(other, alpha=1.0 - lam)
 
 
-def cutmix_(images: torch.Tensor, perm: torch.Tensor, lam: float,
-            rng: np.random.Generator) -> float:  # fmt: skip
+def cutmix_(
+    images: torch.Tensor, perm: torch.Tensor, lam: float, rng: np.random.Generator
+) -> float:
     """Paste a box of ``x[perm]`` covering about ``1 - lam`` of the area (Yun et al. 2019).
 
     Returns the exact kept fraction (the box is clipped at the borders), which weights the

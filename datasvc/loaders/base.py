@@ -34,8 +34,9 @@ class Loader:
         world_size: int,
         seed: int,
         drop_last: bool | None = None,
+        transform=None,
     ):
-        self.cfg = TransformConfig(train=train, image_size=image_size)
+        self.cfg = TransformConfig.build(train, image_size, transform)
         self.seed = seed
         self.sampler = EpochSampler(
             num_samples,

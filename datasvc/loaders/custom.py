@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing as mp
+import os
 import queue
 import signal
 import traceback
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from datasvc.batch import Batch, fill_batch
+from datasvc.lifecycle import die_with_parent
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers
 from datasvc.memory import recycle_large_allocations
@@ -46,7 +48,8 @@ class SlotRing:
         return images, labels
 
 
-def _worker_main(split, cfg, seed, ring: SlotRing, decoder, tasks, results) -> None:
+def _worker_main(split, cfg, seed, ring: SlotRing, decoder, tasks, results, parent: int) -> None:
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer decides when to stop
     torch.set_num_threads(1)
     while True:
@@ -103,6 +106,7 @@ class CustomLoader(Loader):
         decoder=None,
         pin_memory=False,
         drop_last=None,
+        transform=None,
         timeout=120.0,
         engine="process",
     ):
@@ -121,6 +125,7 @@ class CustomLoader(Loader):
             world_size=world_size,
             seed=seed,
             drop_last=drop_last,
+            transform=transform,
         )
         self.workers = max(1, workers or default_workers())
         self.prefetch = max(2, prefetch or 2 * self.workers)
@@ -154,6 +159,7 @@ class CustomLoader(Loader):
                     self.decoder,
                     self._tasks,
                     self._results,
+                    os.getpid(),
                 ),
             )
             for i in range(self.workers)

@@ -198,6 +198,7 @@ class DaliLoader(Loader):
         device_id=None,
         prefetch=2,
         drop_last=None,
+        transform=None,
     ):
         import_dali()
         self.device_id = require_gpu(device_id) if self.device == "gpu" else None
@@ -212,6 +213,7 @@ class DaliLoader(Loader):
             world_size=world_size,
             seed=seed,
             drop_last=drop_last,
+            transform=transform,
         )
         self.workers = max(1, workers or default_workers())
         self.prefetch = prefetch

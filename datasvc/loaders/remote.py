@@ -49,6 +49,7 @@ class RemoteLoader(Loader):
         curve_server_key=None,
         pin_memory=False,
         drop_last=None,
+        transform=None,
         device_id=None,
     ):
         if decode not in DECODE_MODES:
@@ -65,7 +66,8 @@ class RemoteLoader(Loader):
             curve=curve,
         )
         try:
-            packs = self.client.call("ping")["packs"]
+            pong = self.client.call("ping")
+            packs = pong["packs"]
             if pack not in packs:
                 raise KeyError(f"server has no pack {pack!r}; it serves {sorted(packs)}")
             if split not in packs[pack]:
@@ -82,9 +84,11 @@ class RemoteLoader(Loader):
             world_size=world_size,
             seed=seed,
             drop_last=drop_last,
+            transform=transform,
         )
         self.pack_name = pack
         self.split_name = split
+        self.classes: list[str] = pong.get("classes", {}).get(pack, [])
         self.decode = decode
         self.pin_memory = pin_memory
         self.workers = workers or 1
@@ -112,6 +116,7 @@ class RemoteLoader(Loader):
                 s.batch_size,
                 b,
                 op,
+                self.cfg,
             )
             for b in range(start, end)
         ]

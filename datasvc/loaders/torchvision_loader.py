@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from datasvc.augment import TransformConfig
 from datasvc.batch import Batch
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers
@@ -28,16 +29,17 @@ def pil_info() -> str:
     return f"pillow {PIL.__version__}" + (" (SIMD build)" if ".post" in PIL.__version__ else "")
 
 
-def build_transform(train: bool, image_size: int):
+def build_transform(cfg: TransformConfig):
+    """The torchvision v2 pipeline of a ``TransformConfig``: PIL image → uint8 CHW tensor."""
     from torchvision.transforms import v2
 
-    if train:
-        ops = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
-    else:
+    if cfg.train:
         ops = [
-            v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
-            v2.CenterCrop(image_size),
+            v2.RandomResizedCrop(cfg.image_size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
+            v2.RandomHorizontalFlip(cfg.hflip),
         ]
+    else:
+        ops = [v2.Resize(cfg.resize_shorter, antialias=True), v2.CenterCrop(cfg.image_size)]
     return v2.Compose([*ops, v2.PILToTensor()])
 
 
@@ -119,15 +121,16 @@ class TorchLoader(Loader):
         workers=None,
         pin_memory=False,
         drop_last=None,
+        transform=None,
         prefetch_factor=2,
     ):
         source = Path(source)
-        transform = build_transform(train, image_size)
+        tv_transform = build_transform(TransformConfig.build(train, image_size, transform))
         if (source / MANIFEST_NAME).exists():
-            self.dataset = PackDataset(open_pack(source).split(split), transform)
+            self.dataset = PackDataset(open_pack(source).split(split), tv_transform)
         else:
             root = source / split if (source / split).is_dir() else source
-            self.dataset = FolderDataset(root, transform)
+            self.dataset = FolderDataset(root, tv_transform)
         super().__init__(
             len(self.dataset),
             batch_size=batch_size,
@@ -137,6 +140,7 @@ class TorchLoader(Loader):
             world_size=world_size,
             seed=seed,
             drop_last=drop_last,
+            transform=transform,
         )
         self.workers = default_workers() if workers is None else workers
         self._batch_sampler = _CursorBatches(self.sampler)

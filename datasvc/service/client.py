@@ -121,7 +121,7 @@ class BatchClient:
             for ep in self.endpoints:
                 if ep.sock in events:
                     frames = ep.sock.recv_multipart()
-                    header = unpack_header(frames[0])
+                    header = unpack_header(frames[0], request=False)
                     if header.get("id") == rid:
                         if not header.get("ok"):
                             raise RemoteError(header.get("error", "?"), header.get("message", ""))
@@ -201,7 +201,7 @@ class BatchClient:
 
     def _on_reply(self, frames, ep, inflight, done, pending) -> None:
         try:
-            header = unpack_header(frames[0].bytes)
+            header = unpack_header(frames[0].bytes, request=False)
         except ProtocolError:
             return  # not a reply we can read; the request will time out and be re-asked
         entry = inflight.pop(header.get("id"), None)

@@ -3,9 +3,12 @@ first, then raw buffers sent without copies. Never pickle; every request field i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
 import msgpack
+
+from datasvc.augment import TransformConfig
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024  # ZMQ_MAXMSGSIZE on the server's socket: requests are tiny
@@ -38,6 +41,10 @@ class BatchRequest:
     batch_size: int
     batch: int
     op: str = "batch"  # "batch": decoded uint8 images; "samples": encoded bytes + crops
+    transform: TransformConfig | None = None  # None: the defaults for train/image_size
+
+    def transform_config(self) -> TransformConfig:
+        return self.transform or TransformConfig(train=self.train, image_size=self.image_size)
 
     def key(self) -> tuple:
         """Identifies the epoch listing this request indexes into."""
@@ -68,12 +75,15 @@ def pack_header(obj: dict) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, **obj}, use_bin_type=True)
 
 
-def unpack_header(frame: bytes) -> dict:
+# Requests are small: a server unpacks them within these bounds. Replies (a client's view)
+# may carry a class list or a batch's sample metadata.
+_REQUEST_LIMITS = {"max_str_len": 4096, "max_bin_len": 4096, "max_array_len": 64, "max_map_len": 64}
+
+
+def unpack_header(frame: bytes, request: bool = True) -> dict:
     """A header frame → dict; checks the version first and names both on mismatch."""
     try:
-        header = msgpack.unpackb(
-            frame, raw=False, max_str_len=4096, max_bin_len=4096, max_array_len=64, max_map_len=64
-        )
+        header = msgpack.unpackb(frame, raw=False, **(_REQUEST_LIMITS if request else {}))
     except Exception as e:  # noqa: BLE001 - any undecodable header
         raise ProtocolError(
             "malformed", f"header is not valid msgpack ({type(e).__name__})"
@@ -116,11 +126,21 @@ def parse_request(frames: list) -> tuple[dict, BatchRequest | None]:
         fields[name] = value
     if type(header.get("train")) is not bool:
         raise ProtocolError("field", "train must be true or false")
-    return header, BatchRequest(train=header["train"], op=op, **fields)
+    transform = header.get("transform")
+    if transform is not None:
+        if not isinstance(transform, dict):
+            raise ProtocolError("field", "transform must be a map")
+        try:
+            transform = TransformConfig.build(header["train"], fields["image_size"], transform)
+        except (ValueError, TypeError) as e:
+            raise ProtocolError("field", f"bad transform: {e}") from None
+    return header, BatchRequest(train=header["train"], op=op, transform=transform, **fields)
 
 
 def request_header(req: BatchRequest, request_id: int) -> bytes:
-    return pack_header({**asdict(req), "id": request_id})
+    body = {f.name: getattr(req, f.name) for f in dataclass_fields(req) if f.name != "transform"}
+    body["transform"] = req.transform.options() if req.transform is not None else None
+    return pack_header({**body, "id": request_id})
 
 
 def error_header(request_id, code: str, message: str) -> bytes:

@@ -83,17 +83,20 @@ class _Listings:
         return s
 
 
-def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None) -> None:
+def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None, parent=None) -> None:
     """One worker. A process worker makes its own context and socket after it starts; a
     thread worker shares the broker's context and talks to it over inproc (no copies)."""
     import zmq
 
-    from datasvc.augment import TransformConfig, train_crop
+    from datasvc.augment import train_crop
     from datasvc.batch import fill_batch
     from datasvc.packs import open_pack
 
     own_ctx = ctx is None
     if own_ctx:
+        from datasvc.lifecycle import die_with_parent
+
+        die_with_parent(parent)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         ctx = zmq.Context(1)
     opened = {name: open_pack(path) for name, path in packs.items()}
@@ -114,7 +117,7 @@ def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None) -> No
             split = opened[req.pack].split(req.split)
             try:
                 ids = listings.get(req, len(split)).batch(req.batch)
-                cfg = TransformConfig(train=req.train, image_size=req.image_size)
+                cfg = req.transform_config()
                 if req.op == "samples":
                     reply = _samples_reply(split, ids, cfg, req, rid, train_crop)
                 else:
@@ -250,9 +253,11 @@ class Server:
         self.max_queue = max_queue
         self.hwm = hwm
         self.sizes = {}
+        self.classes = {}
         for name, path in packs.items():
             manifest = open_pack(path).manifest
             self.sizes[name] = {s: v["num_samples"] for s, v in manifest["splits"].items()}
+            self.classes[name] = list(manifest["classes"])
         self.stats = Stats()
         self._stop = False
 
@@ -294,20 +299,28 @@ class Server:
             backend = "inproc://datasvc-workers"
             back.bind(backend)
             procs = [
-                threading.Thread(target=worker_main, args=(i, self.packs, backend, ctx),
-                                 daemon=True, name=f"datasvc-worker-{i}")
+                threading.Thread(
+                    target=worker_main,
+                    args=(i, self.packs, backend, ctx),
+                    daemon=True,
+                    name=f"datasvc-worker-{i}",
+                )
                 for i in range(self.workers)
-            ]  # fmt: skip
+            ]
         else:
             # Spawned, not forked: the broker's ZeroMQ context must not cross a fork.
             backend = f"ipc://{tmp}/workers"
             back.bind(backend)
             ctx_mp = mp.get_context("spawn")
             procs = [
-                ctx_mp.Process(target=worker_main, args=(i, self.packs, backend), daemon=True,
-                               name=f"datasvc-worker-{i}")
+                ctx_mp.Process(
+                    target=worker_main,
+                    args=(i, self.packs, backend, None, os.getpid()),
+                    daemon=True,
+                    name=f"datasvc-worker-{i}",
+                )
                 for i in range(self.workers)
-            ]  # fmt: skip
+            ]
         for p in procs:
             p.start()
         front = ctx.socket(zmq.ROUTER)
@@ -439,7 +452,15 @@ class Server:
                     body["packs"] = self.sizes
                     reply = pack_header({"id": rid, "ok": True, "op": "stats", "stats": body})
                 else:
-                    reply = pack_header({"id": rid, "ok": True, "op": "pong", "packs": self.sizes})
+                    reply = pack_header(
+                        {
+                            "id": rid,
+                            "ok": True,
+                            "op": "pong",
+                            "packs": self.sizes,
+                            "classes": self.classes,
+                        }
+                    )
                 front.send_multipart([client, reply])
                 return
             self._check(req)

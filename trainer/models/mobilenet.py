@@ -13,9 +13,20 @@ from trainer.models.library import timm_model
 
 # (output channels, stride) of the 13 depthwise-separable layers of MobileNetV1.
 V1_LAYERS = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
-)  # fmt: skip
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+)
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int, groups: int = 1):
