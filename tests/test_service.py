@@ -73,8 +73,9 @@ def test_same_batches_as_custom(server, clean_pack):
     _same_as_custom(server.endpoint, clean_pack)
 
 
-def test_thread_engine_same_batches(clean_pack):
-    with LocalServer([clean_pack], workers=2, extra=["--engine", "thread"]) as s:
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_engines_same_batches(clean_pack, engine):
+    with LocalServer([clean_pack], workers=2, extra=["--engine", engine]) as s:
         _same_as_custom(s.endpoint, clean_pack)
         s.stop()
         assert s.proc.returncode == 0, "SIGTERM stops the server cleanly"
@@ -82,7 +83,7 @@ def test_thread_engine_same_batches(clean_pack):
 
 def test_kill9_and_restart_mid_epoch(clean_pack):
     """The clients finish the epoch with exactly the ids and pixels of an uninterrupted run."""
-    with LocalServer([clean_pack], workers=1) as first:
+    with LocalServer([clean_pack], workers=1, extra=["--engine", "process"]) as first:
         endpoint = first.endpoint
         reference = [run(remote(endpoint, rank=r, world_size=2, seed=9)) for r in range(2)]
         loaders = [

@@ -230,7 +230,7 @@ class Server:
         log_interval: float = 10.0,
         max_queue: int = 1024,
         hwm: int = 64,
-        engine: str = "process",
+        engine: str = "auto",
     ):
         from datasvc.packs import open_pack
 
@@ -239,9 +239,12 @@ class Server:
                 f"{bind} is beyond loopback: give --curve-secret and --curve-allow "
                 "(CurveZMQ encryption and a client allow-list), or --insecure to serve plain TCP"
             )
-        if engine not in ("process", "thread"):
-            raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
-        self.engine = engine
+        if engine not in ("auto", "process", "thread"):
+            raise ValueError(f"engine must be 'auto', 'process' or 'thread', got {engine!r}")
+        # Threads save two copies of every batch (inproc instead of ipc) and won on a 2-core
+        # machine (BENCHMARKS.md); the GIL is held ~6% of a batch, so past ~8 builders the
+        # processes scale better.
+        self.engine = engine if engine != "auto" else ("thread" if workers <= 8 else "process")
         if bool(curve_secret) != bool(curve_allow):
             raise ValueError("--curve-secret and --curve-allow go together")
         self.packs = packs
