@@ -97,7 +97,9 @@ def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None, paren
         from datasvc.lifecycle import die_with_parent
 
         die_with_parent(parent)
+        # A Ctrl-C or SIGTERM to the process group is for the broker, which stops us in turn.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ctx = zmq.Context(1)
     opened = {name: open_pack(path) for name, path in packs.items()}
     listings = _Listings()
@@ -372,7 +374,7 @@ class Server:
                     client, frame = queue.popleft()
                     back.send_multipart([idle.popleft(), client, frame], copy=False)
                 dead = [p for p in procs if not p.is_alive()]
-                if dead:
+                if dead and not self._stop:
                     code = getattr(dead[0], "exitcode", None)
                     raise RuntimeError(f"worker {dead[0].name} died (exit code {code})")
                 now = time.time()
