@@ -69,7 +69,10 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         cells = []
         for k, _ in columns:
             v = r.get(k, "")
-            cells.append(f"{v:,.1f}" if isinstance(v, float) else str(v if v is not None else ""))
+            if isinstance(v, float):
+                cells.append(f"{v:.2f}" if abs(v) < 10 else f"{v:,.1f}")  # ratios vs rates
+            else:
+                cells.append(str(v if v is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
