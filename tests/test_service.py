@@ -87,7 +87,8 @@ def test_kill9_and_restart_mid_epoch(clean_pack):
         endpoint = first.endpoint
         reference = [run(remote(endpoint, rank=r, world_size=2, seed=9)) for r in range(2)]
         loaders = [
-            remote(endpoint, rank=r, world_size=2, seed=9, request_timeout=1.0) for r in range(2)
+            remote(endpoint, rank=r, world_size=2, seed=9, request_timeout=1.0, credits=1)
+            for r in range(2)
         ]
         iters = [iter(l) for l in loaders]
         got = [[next(it) for _ in range(2)] for it in iters]

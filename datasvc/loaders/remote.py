@@ -22,7 +22,8 @@ DECODE_MODES = ("server", "dali_cpu", "dali_gpu")
 @register_loader("remote")
 class RemoteLoader(Loader):
     """Options: ``pack`` (its name on the server, required), ``credits`` (requests in flight
-    per endpoint), ``request_timeout``, ``dead_after`` (seconds with no answer before raising),
+    per endpoint; default: the first server's batch builders + 2, so none of them waits for
+    the next request), ``request_timeout``, ``dead_after`` (seconds with no answer before raising),
     ``decode`` ('server', 'dali_cpu', 'dali_gpu'), ``curve_client_key``/``curve_server_key``
     (key files from ``datasvc keys``), ``pin_memory``."""
 
@@ -41,7 +42,7 @@ class RemoteLoader(Loader):
         world_size=1,
         seed=0,
         workers=None,
-        credits=2,
+        credits=None,
         request_timeout=30.0,
         dead_after=60.0,
         decode="server",
@@ -60,7 +61,7 @@ class RemoteLoader(Loader):
             curve = CurveKeys.from_files(curve_client_key, curve_server_key)
         self.client = BatchClient(
             source,
-            credits=credits,
+            credits=credits or 2,
             request_timeout=request_timeout,
             dead_after=dead_after,
             curve=curve,
@@ -68,6 +69,8 @@ class RemoteLoader(Loader):
         try:
             pong = self.client.call("ping")
             packs = pong["packs"]
+            if credits is None:
+                self.client.credits = max(2, int(pong.get("workers", 0)) + 2)
             if pack not in packs:
                 raise KeyError(f"server has no pack {pack!r}; it serves {sorted(packs)}")
             if split not in packs[pack]:

@@ -464,6 +464,7 @@ class Server:
                             "op": "pong",
                             "packs": self.sizes,
                             "classes": self.classes,
+                            "workers": self.workers,
                         }
                     )
                 front.send_multipart([client, reply])
