@@ -170,8 +170,9 @@ static PyObject *jc_info(PyObject *self, PyObject *arg)
 
 static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"data", "x", "y", "w", "h", "scale_denom", "fast", NULL};
+    static char *kwlist[] = {"data", "x", "y", "w", "h", "scale_denom", "fast", "out", NULL};
     Py_buffer view;
+    Py_buffer out_view = {0}; /* optional caller-provided output buffer (obj NULL if absent) */
     Py_ssize_t x, y, w, h;
     int scale = 1, fast = 0;
     struct jpeg_decompress_struct cinfo;
@@ -183,11 +184,13 @@ static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs
     JDIMENSION sW, sH, sx0, sy0, sx1, sy1, out_w, out_h;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnnn|i$p:decode_crop", kwlist, &view,
-                                     &x, &y, &w, &h, &scale, &fast))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnnn|i$pw*:decode_crop", kwlist, &view,
+                                     &x, &y, &w, &h, &scale, &fast, &out_view))
         return NULL;
 
     if (scale != 1 && scale != 2 && scale != 4 && scale != 8) {
+        if (out_view.obj != NULL)
+            PyBuffer_Release(&out_view);
         PyBuffer_Release(&view);
         PyErr_Format(PyExc_ValueError, "scale_denom must be 1, 2, 4 or 8, not %d", scale);
         return NULL;
@@ -199,6 +202,8 @@ static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs
             PyEval_RestoreThread(tstate);
         jpeg_destroy_decompress(&cinfo); /* safe if already destroyed (mem == NULL) */
         Py_XDECREF(result);
+        if (out_view.obj != NULL)
+            PyBuffer_Release(&out_view);
         PyBuffer_Release(&view);
         jc_set_error(&jerr);
         return NULL;
@@ -248,13 +253,25 @@ static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs
     out_w = sx1 - sx0;
     out_h = sy1 - sy0;
 
-    result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)out_h * (Py_ssize_t)out_w * 3);
-    if (result == NULL)
-        goto fail;
+    if (out_view.obj != NULL) {
+        /* Decode into the caller's buffer (e.g. a reused, cache-hot scratch area). */
+        if (out_view.len < (Py_ssize_t)out_h * (Py_ssize_t)out_w * 3) {
+            PyErr_Format(PyExc_ValueError, "out holds %zd bytes, the crop needs %zd",
+                         out_view.len, (Py_ssize_t)out_h * (Py_ssize_t)out_w * 3);
+            goto fail;
+        }
+        result = out_view.obj;
+        Py_INCREF(result);
+    } else {
+        result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)out_h * (Py_ssize_t)out_w * 3);
+        if (result == NULL)
+            goto fail;
+    }
 
     tstate = PyEval_SaveThread();
     {
-        unsigned char *out = (unsigned char *)PyByteArray_AS_STRING(result);
+        unsigned char *out = out_view.obj != NULL ? (unsigned char *)out_view.buf
+                                                  : (unsigned char *)PyByteArray_AS_STRING(result);
         const size_t out_stride = (size_t)out_w * 3;
         JDIMENSION xoff, cw, skipped, row, col0, group, got;
         JSAMPARRAY scratch;
@@ -315,12 +332,16 @@ static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs
     PyEval_RestoreThread(tstate);
     tstate = NULL;
 
+    if (out_view.obj != NULL)
+        PyBuffer_Release(&out_view);
     PyBuffer_Release(&view);
     return Py_BuildValue("(NII)", (PyObject *)result, (unsigned int)out_h, (unsigned int)out_w);
 
 fail: /* Python exception already set; GIL held */
     jpeg_destroy_decompress(&cinfo);
     Py_XDECREF(result);
+    if (out_view.obj != NULL)
+        PyBuffer_Release(&out_view);
     PyBuffer_Release(&view);
     return NULL;
 }
@@ -333,7 +354,10 @@ static PyMethodDef jc_methods[] = {
      "Reads only the JPEG header. colorspace_name is one of GRAY, RGB, YCbCr, CMYK, YCCK, "
      "UNKNOWN."},
     {"decode_crop", (PyCFunction)(void (*)(void))jc_decode_crop, METH_VARARGS | METH_KEYWORDS,
-     "decode_crop(data, x, y, w, h, scale_denom=1, *, fast=False) -> (buffer, out_h, out_w)\n\n"
+     "decode_crop(data, x, y, w, h, scale_denom=1, *, fast=False, out=None)\n"
+     "    -> (buffer, out_h, out_w)\n\n"
+     "out: a writable buffer of at least out_h*out_w*3 bytes to decode into (returned);\n"
+     "by default a new bytearray.\n"
      "Decodes only the box (x, y, w, h) (full-resolution pixels) of a JPEG, optionally\n"
      "downscaled by DCT scaling (scale_denom 1, 2, 4 or 8), to RGB uint8 HWC in a\n"
      "bytearray. With s = scale_denom the result is the scaled box floor(x/s) ..\n"

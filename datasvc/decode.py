@@ -8,6 +8,7 @@ built, else ``simplejpeg`` (whole-image decode with DCT downscaling, then a slic
 from __future__ import annotations
 
 import math
+import threading
 
 import cv2
 import numpy as np
@@ -85,16 +86,32 @@ def decode_region_simplejpeg(data, top, left, h, w, s, height, width, fast=False
     return full[y0:y1, x0:x1]
 
 
+_scratch = threading.local()
+
+
+def _scratch_buffer(nbytes: int) -> bytearray:
+    """This thread's reusable decode area. Decoding into fresh memory cost 4% more for a crop
+    (and 34% for a full image) than into memory that stays mapped and cached."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _scratch.buf = bytearray(max(nbytes, 4 << 20))
+    return buf
+
+
 @DECODERS.register("turbo_crop")
 def decode_region_turbo(data, top, left, h, w, s, height, width, fast=False) -> np.ndarray:
-    """JPEG bytes → the scaled crop box, decoding only its rows and columns."""
+    """JPEG bytes → the scaled crop box, decoding only its rows and columns. The array is a
+    view of this thread's scratch buffer: valid until the thread's next decode."""
+    need = (w // s + 2) * (h // s + 2) * 3
     try:
-        buf, oh, ow = _jpegcrop.decode_crop(data, left, top, w, h, s, fast=fast)
+        buf, oh, ow = _jpegcrop.decode_crop(
+            data, left, top, w, h, s, fast=fast, out=_scratch_buffer(need)
+        )
     except ValueError as e:
         if "CMYK" in str(e) or "YCCK" in str(e):
             return decode_region_simplejpeg(data, top, left, h, w, s, height, width, fast)
         raise DecodeError(str(e)) from None
-    return np.frombuffer(buf, np.uint8).reshape(oh, ow, 3)
+    return np.frombuffer(buf, np.uint8, oh * ow * 3).reshape(oh, ow, 3)
 
 
 CROP_DECODER = "turbo_crop" if _jpegcrop is not None else "simplejpeg"

@@ -503,6 +503,24 @@ def test_output_is_writable(images):
     assert out[0] == 7
 
 
+def test_decode_into_caller_buffer(images):
+    """``out=`` gets the same pixels as a fresh decode, in the caller's buffer; a buffer too
+    small is refused before anything is written."""
+    data = images["astronaut_420_q90"]
+    scratch = bytearray(1 << 20)
+    for x, y, w, h, s in [(10, 20, 200, 150, 1), (0, 0, 512, 512, 2), (101, 7, 33, 91, 1)]:
+        ref, rh, rw = jc.decode_crop(data, x, y, w, h, s)
+        got, gh, gw = jc.decode_crop(data, x, y, w, h, s, out=scratch)
+        assert got is scratch and (gh, gw) == (rh, rw)
+        assert bytes(scratch[: rh * rw * 3]) == bytes(ref)
+    small = bytearray(10)
+    with pytest.raises(ValueError, match="out holds 10 bytes"):
+        jc.decode_crop(data, 0, 0, 64, 64, out=small)
+    assert small == bytearray(10)
+    with pytest.raises(TypeError):
+        jc.decode_crop(data, 0, 0, 64, 64, out=b"read-only bytes")
+
+
 # ---------------------------------------------------------------------------------------
 # threads and resources
 
