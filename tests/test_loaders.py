@@ -115,6 +115,27 @@ def test_custom_pixels_are_a_function_of_seed_epoch_id(clean_pack):
     assert not torch.equal(other[0].images, a[0].images)
 
 
+def test_custom_lends_slots_without_copies(clean_pack):
+    """A consumer that drops each batch gets the shared slots themselves (no copy) with the
+    pixels of a copying run; one that keeps every batch gets them all intact (no slot that it
+    still holds is written again)."""
+    ref0 = collect(make("custom", clean_pack, seed=2, workers=1, engine="thread"))
+    later = make("custom", clean_pack, seed=2, workers=1, engine="thread")
+    later.set_epoch(1)
+    ref1 = collect(later)
+    loader = make("custom", clean_pack, seed=2, workers=1, prefetch=3)
+    lent = 0
+    with loader:
+        for k, b in enumerate(loader):  # epoch 0, streaming
+            lent += b.images.data_ptr() in {t.data_ptr() for t in loader._slot_images}
+            assert torch.equal(b.images, ref0[k].images), k
+        kept = list(loader)  # epoch 1, every batch held at once
+    assert lent == len(ref0) > 0
+    assert len(kept) == len(ref1)
+    for x, y in zip(kept, ref1):
+        assert torch.equal(x.ids, y.ids) and torch.equal(x.images, y.images)
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_resume_mid_epoch(backend, clean_pack):
     full = collect(make(backend, clean_pack, seed=1))

@@ -1,9 +1,11 @@
 """``custom``: our fastest CPU path; whole batches (crop-aware decode, resize, flip) are built
 by workers of one of two engines:
 
-- ``engine="process"``: worker processes write into slots of one anonymous shared mapping and
-  the consumer copies a finished slot out once. The mapping has no name, so no crash can leave
-  a segment behind.
+- ``engine="process"``: worker processes write into slots of one anonymous shared mapping. The
+  consumer gets the slot itself (a tensor view, no copy) and the slot is reused only after
+  every view of it has been dropped (its storage's use count says so); a consumer that holds
+  many batches gets copies past the point where the workers would run out of slots. The
+  mapping has no name, so no crash can leave a segment behind.
 - ``engine="thread"``: a thread pool in the consumer's process writes each batch straight into
   the tensor that is handed out (the decoder and OpenCV release the GIL): no copy, no IPC.
 """
@@ -64,6 +66,11 @@ def _worker_main(split, cfg, seed, ring: SlotRing, decoder, tasks, results, pare
         except Exception as e:  # noqa: BLE001 - reported to the consumer with its type
             kind = "corrupt" if isinstance(e, CorruptSampleError) else "error"
             results.put((b, (kind, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+
+
+def _use_count(t: torch.Tensor) -> int:
+    """References to a tensor's storage: views handed out raise it."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
 def _shutdown(procs, tasks) -> None:
@@ -135,6 +142,7 @@ class CustomLoader(Loader):
         self._procs: list = []
         self._finalizer = None
         self._pool = None
+        self._held: set[int] = set()
 
     # --- worker pool ------------------------------------------------------------------------
 
@@ -143,6 +151,15 @@ class CustomLoader(Loader):
             return
         ctx = mp.get_context("fork")
         self._ring = SlotRing(self.prefetch, self.batch_size, self.cfg.image_size)
+        r = self._ring
+        self._slot_images = [
+            torch.frombuffer(
+                r.mem, dtype=torch.uint8, count=r.image_bytes, offset=k * r.slot_bytes
+            ).view(r.shape)
+            for k in range(r.n)
+        ]
+        self._slot_base = [_use_count(t) for t in self._slot_images]
+        self._held: set[int] = set()
         self._tasks = ctx.SimpleQueue()
         self._results = ctx.Queue()
         self.split.close()  # each worker opens its own read-only handles
@@ -244,13 +261,14 @@ class CustomLoader(Loader):
         self._start()
         end = len(self.sampler)
         epoch = self.sampler.epoch
-        free = list(range(self.prefetch))
+        free = [k for k in range(self.prefetch) if k not in self._held]
         slot_of: dict[int, int] = {}
         ids_of: dict[int, np.ndarray] = {}
         ready: dict[int, object] = {}
         next_b = start
         try:
             for want in range(start, end):
+                free += self._released()
                 while free and next_b < end:
                     slot = free.pop()
                     ids = self.sampler.batch(next_b)
@@ -267,8 +285,15 @@ class CustomLoader(Loader):
                     free.append(slot)
                     kind, msg = err
                     raise (CorruptSampleError if kind == "corrupt" else RuntimeError)(msg)
-                yield self._copy_out(slot, len(ids), ids)
-                free.append(slot)
+                # Hand the slot itself out while the consumer leaves enough slots for the
+                # workers; it comes back once the consumer drops every view of it.
+                if not self.pin_memory and len(self._held) < self.prefetch - self.workers:
+                    self._held.add(slot)
+                    yield self._lend(slot, len(ids), ids)
+                else:
+                    batch = self._copy_out(slot, len(ids), ids)
+                    free.append(slot)
+                    yield batch
         finally:
             # Wait for batches still being built so no slot is written after we reuse it.
             for _ in range(len(slot_of) - len(ready)):
@@ -276,6 +301,19 @@ class CustomLoader(Loader):
                     self._get_result()
                 except (RuntimeError, TimeoutError):
                     break
+
+    def _released(self) -> list[int]:
+        """Lent slots whose every view the consumer has dropped."""
+        back = [k for k in self._held if _use_count(self._slot_images[k]) <= self._slot_base[k]]
+        self._held.difference_update(back)
+        return back
+
+    def _lend(self, slot: int, n: int, ids: np.ndarray) -> Batch:
+        """A batch whose images are the shared slot itself: no copy."""
+        _, labels = self._ring.views(slot)
+        images = self._slot_images[slot][:n].permute(0, 3, 1, 2)
+        lab = torch.from_numpy(labels[:n].copy())
+        return Batch(images, lab, torch.from_numpy(np.asarray(ids, np.int64)))
 
     def _copy_out(self, slot: int, n: int, ids: np.ndarray) -> Batch:
         images, labels = self._ring.views(slot)
