@@ -101,6 +101,9 @@ def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None, paren
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ctx = zmq.Context(1)
+    from datasvc.memory import recycle_large_allocations
+
+    recycle_large_allocations()  # a fresh batch array per reply: reuse heap, not new pages
     opened = {name: open_pack(path) for name, path in packs.items()}
     listings = _Listings()
     sock = ctx.socket(zmq.DEALER)
