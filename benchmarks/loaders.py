@@ -2,7 +2,8 @@
 beside the machine's bound (full JPEG decode of the same files, no resize, same cores).
 
 The backends and the bound take turns for ``--repeats`` rounds; in each round a backend gets a
-fresh loader, one warm-up epoch (excluded) and three timed epochs. Images/s is the median over
+fresh loader, ``--warmup`` untimed epochs (2: caches, heaps and pools reach their steady
+state) and three timed epochs. Images/s is the median over
 rounds, ratios are medians of per-round ratios. Memory is the proportional set size (PSS) of
 the loader's whole process tree, so shared pages are not counted twice.
 """
@@ -39,6 +40,7 @@ def add_arguments(p) -> None:
         help="worker processes/threads (default: the cores this process may use)",
     )
     p.add_argument("--repeats", type=int, default=3, help="rounds over all backends")
+    p.add_argument("--warmup", type=int, default=2, help="untimed epochs per backend and round")
     p.add_argument("--eval", action="store_true", help="eval transform instead of train")
     p.add_argument("--json", default=None, help="write results as JSON")
     p.add_argument("--plot", default=None, help="write a PNG bar chart")
@@ -170,9 +172,16 @@ class DecodeLimit:
 
 
 def bench_backend(
-    backend: str, source: str, a, workers: int, epochs: int, exclude: int | None = None, **kw
+    backend: str,
+    source: str,
+    a,
+    workers: int,
+    epochs: int,
+    exclude: int | None = None,
+    warmup: int = 2,
+    **kw,
 ) -> dict:
-    """One run: build the loader, one warm-up epoch, then ``epochs`` timed epochs."""
+    """One run: build the loader, ``warmup`` untimed epochs, then ``epochs`` timed epochs."""
     from datasvc.loaders import create_loader
 
     try:
@@ -192,7 +201,7 @@ def bench_backend(
     rates, mems, cpu = [], [], []
     try:
         with mon:
-            for epoch in range(epochs + 1):
+            for epoch in range(warmup + epochs):
                 loader.set_epoch(epoch)
                 c0, t0, n = mon.cpu_seconds(), time.perf_counter(), 0
                 for batch in loader:
@@ -200,7 +209,7 @@ def bench_backend(
                 dt = time.perf_counter() - t0
                 used = mon.cpu_seconds() - c0
                 mems.append(round(mon.memory_mb(), 1))
-                if epoch:  # the first epoch is warm-up
+                if epoch >= warmup:
                     rates.append(n / dt)
                     cpu.append(used / dt / workers)
     finally:
@@ -254,7 +263,7 @@ def run(a) -> dict:
                 # 3 timed epochs a round: ~1.5 s of work, so start-up noise weighs little;
                 # round 1 also shows that memory stays flat.
                 other = server.pid if server is not None and backend != "remote" else None
-                r = bench_backend(backend, source, a, workers, 3, other, **kw)
+                r = bench_backend(backend, source, a, workers, 3, other, a.warmup, **kw)
                 r["limit"], r["plain"] = limits[-1], plain[-1]
                 runs[backend].append(r)
                 msg = (

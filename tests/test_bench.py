@@ -26,6 +26,8 @@ def test_bench_writes_json_table_and_plot(clean_pack, tmp_path):
         "custom,torch,dali_gpu,remote",
         "--repeats",
         "1",
+        "--warmup",
+        "1",
         "--batch-size",
         "16",
         "--image-size",
