@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -43,9 +43,6 @@ class TransformConfig:
     @property
     def resize_shorter(self) -> int:
         return self.eval_resize or int(round(self.image_size * 256 / 224))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     #: The fields a caller may set besides ``train`` and ``image_size``.
     OPTIONS = ("scale", "ratio", "hflip", "eval_resize", "fast_decode")
@@ -88,14 +85,6 @@ class TransformConfig:
             k: list(v) if isinstance(v, tuple) else v
             for k, v in ((k, getattr(self, k)) for k in self.OPTIONS)
         }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TransformConfig:
-        d = dict(d)
-        for k in ("scale", "ratio"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 class Crop(NamedTuple):

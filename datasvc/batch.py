@@ -44,14 +44,3 @@ def fill_batch(
         except DecodeError as e:
             raise CorruptSampleError(f"sample {int(sid)} ({sample.key}): {e}") from None
         labels[i] = sample.label
-
-
-def to_torch(images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> Batch:
-    """NHWC numpy arrays → a ``Batch`` of torch tensors with images viewed as N×3×S×S."""
-    import torch
-
-    return Batch(
-        torch.from_numpy(images).permute(0, 3, 1, 2),
-        torch.from_numpy(labels),
-        torch.from_numpy(np.asarray(ids, dtype=np.int64)),
-    )

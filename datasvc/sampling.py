@@ -97,11 +97,6 @@ class EpochSampler:
     def advance(self, n: int = 1) -> None:
         self.batches_done += n
 
-    def global_position(self) -> int:
-        return min(
-            self.num_samples, self.offset + self.batches_done * self.world_size * self.batch_size
-        )
-
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,

@@ -87,10 +87,6 @@ class Split:
         shard, local = self.locate(int(index))
         return self.shard(shard)[local]
 
-    def labels(self):
-        """All labels in order (reads every record's metadata once)."""
-        return [self[i].label for i in range(len(self))]
-
     def close(self) -> None:
         for r in self._readers:
             if r is not None:

@@ -135,15 +135,6 @@ def _read_txn(path: Path) -> lmdb.Transaction:
     return txn
 
 
-def close_environments() -> None:
-    """Close this process's read-only environments; readers must ``close()`` first."""
-    for key, (pid, env, txn) in list(_ENVS.items()):
-        if pid == os.getpid():
-            txn.abort()
-            env.close()
-        _ENVS.pop(key, None)
-
-
 class LMDBShardReader:
     """Random-access reader of one LMDB shard; read-only, lock-free, opened lazily per process."""
 
