@@ -242,3 +242,15 @@ def test_custom_workers_exit_on_close(clean_pack):
     loader.close()
     for p in pids:
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+
+
+def test_unknown_option_is_refused_and_trainer_offers_only_named_ones(clean_pack):
+    """Backends take the shared options as ``**common``; anything else is a TypeError, so the
+    trainer passes GPU options (``device_id``, ``pin_memory``) only where a backend names them."""
+    from trainer.data import _accepts
+
+    with pytest.raises(TypeError):
+        make("custom", clean_pack, device_id=0)
+    assert _accepts("custom", "pin_memory") and not _accepts("custom", "device_id")
+    assert _accepts("dali_gpu", "device_id") and not _accepts("dali_gpu", "pin_memory")
+    assert _accepts("remote", "device_id") and _accepts("torch", "pin_memory")

@@ -18,12 +18,14 @@ from trainer.config import DataConfig
 
 
 def _accepts(backend: str, option: str) -> bool:
-    """Whether the backend's factory takes ``option`` (so trainer defaults go only where valid)."""
+    """Whether the backend's factory names ``option`` (so trainer defaults go only where valid).
+    Backends take their shared options as ``**common`` and name their own, so a catch-all
+    ``**`` does not count as accepting."""
     try:
         params = inspect.signature(LOADERS.get(backend)).parameters
     except (TypeError, ValueError):
         return False
-    return option in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return option in params
 
 
 def _options(cfg: DataConfig, device: torch.device) -> dict:

@@ -27,15 +27,19 @@ class Loader:
         self,
         num_samples: int,
         *,
-        batch_size: int,
-        image_size: int,
-        train: bool,
-        rank: int,
-        world_size: int,
-        seed: int,
+        batch_size: int = 64,
+        image_size: int = 224,
+        train: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
         drop_last: bool | None = None,
         transform=None,
     ):
+        """The options every backend shares (backends take them as ``**common``): batch size
+        per rank, output size, train or eval transform and sampling, rank and world size, seed,
+        ``drop_last`` (default: train drops the remainder, eval keeps every sample) and
+        ``transform`` overrides (see ``TransformConfig.build``)."""
         self.cfg = TransformConfig.build(train, image_size, transform)
         self.seed = seed
         self.sampler = EpochSampler(

@@ -102,20 +102,13 @@ class CustomLoader(Loader):
         source,
         *,
         split="train",
-        batch_size=64,
-        image_size=224,
-        train=True,
-        rank=0,
-        world_size=1,
-        seed=0,
         workers=None,
         prefetch=None,
         decoder=None,
         pin_memory=False,
-        drop_last=None,
-        transform=None,
         timeout=120.0,
         engine="process",
+        **common,
     ):
         if engine not in ("process", "thread"):
             raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
@@ -125,14 +118,7 @@ class CustomLoader(Loader):
         self.split = self.pack.split(split)
         super().__init__(
             len(self.split),
-            batch_size=batch_size,
-            image_size=image_size,
-            train=train,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            drop_last=drop_last,
-            transform=transform,
+            **common,
         )
         self.workers = max(1, workers or default_workers())
         self.prefetch = max(2, prefetch or 2 * self.workers)

@@ -188,17 +188,10 @@ class DaliLoader(Loader):
         source,
         *,
         split="train",
-        batch_size=64,
-        image_size=224,
-        train=True,
-        rank=0,
-        world_size=1,
-        seed=0,
         workers=None,
         device_id=None,
         prefetch=2,
-        drop_last=None,
-        transform=None,
+        **common,
     ):
         import_dali()
         self.device_id = require_gpu(device_id) if self.device == "gpu" else None
@@ -206,14 +199,7 @@ class DaliLoader(Loader):
         self.split = self.pack.split(split)
         super().__init__(
             len(self.split),
-            batch_size=batch_size,
-            image_size=image_size,
-            train=train,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            drop_last=drop_last,
-            transform=transform,
+            **common,
         )
         self.workers = max(1, workers or default_workers())
         self.prefetch = prefetch

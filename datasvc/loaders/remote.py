@@ -35,12 +35,6 @@ class RemoteLoader(Loader):
         *,
         pack: str,
         split="train",
-        batch_size=64,
-        image_size=224,
-        train=True,
-        rank=0,
-        world_size=1,
-        seed=0,
         workers=None,
         credits=None,
         request_timeout=30.0,
@@ -49,9 +43,8 @@ class RemoteLoader(Loader):
         curve_client_key=None,
         curve_server_key=None,
         pin_memory=False,
-        drop_last=None,
-        transform=None,
         device_id=None,
+        **common,
     ):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
@@ -80,14 +73,7 @@ class RemoteLoader(Loader):
             raise
         super().__init__(
             packs[pack][split],
-            batch_size=batch_size,
-            image_size=image_size,
-            train=train,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            drop_last=drop_last,
-            transform=transform,
+            **common,
         )
         self.pack_name = pack
         self.split_name = split

@@ -112,36 +112,19 @@ class TorchLoader(Loader):
         source,
         *,
         split="train",
-        batch_size=64,
-        image_size=224,
-        train=True,
-        rank=0,
-        world_size=1,
-        seed=0,
         workers=None,
         pin_memory=False,
-        drop_last=None,
-        transform=None,
         prefetch_factor=2,
+        **common,
     ):
         source = Path(source)
-        tv_transform = build_transform(TransformConfig.build(train, image_size, transform))
         if (source / MANIFEST_NAME).exists():
-            self.dataset = PackDataset(open_pack(source).split(split), tv_transform)
+            self.dataset = PackDataset(open_pack(source).split(split), None)
         else:
             root = source / split if (source / split).is_dir() else source
-            self.dataset = FolderDataset(root, tv_transform)
-        super().__init__(
-            len(self.dataset),
-            batch_size=batch_size,
-            image_size=image_size,
-            train=train,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            drop_last=drop_last,
-            transform=transform,
-        )
+            self.dataset = FolderDataset(root, None)
+        super().__init__(len(self.dataset), **common)
+        self.dataset.transform = build_transform(self.cfg)
         self.workers = default_workers() if workers is None else workers
         self._batch_sampler = _CursorBatches(self.sampler)
         kw = {}
