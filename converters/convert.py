@@ -26,6 +26,7 @@ import numpy as np
 from converters.audit import AuditConfig, Rejected, audit_image
 from converters.source import Candidate, SplitListing, discover
 from datasvc import __version__
+from datasvc.lifecycle import die_with_parent
 from datasvc.packs import PACK_FORMATS, Sample, shard_name
 from datasvc.packs.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
 
@@ -111,10 +112,16 @@ def listing_digest(listing: SplitListing) -> str:
 _progress = None  # shared counter of images processed, set in each worker
 
 
-def _init_worker(counter):
+def _init_worker(counter, parent: int):
     global _progress
     _progress = counter
+    die_with_parent(parent)  # a killed parent leaves no worker writing on
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def convert_shard(job: ShardJob, out: str, cfg: ConvertConfig, classes: list[str]) -> dict:
@@ -258,7 +265,10 @@ def _run_jobs(todo, out, cfg, classes, total, progress, done) -> None:
     counter = ctx.Value("q", 0)
     args = [(j, str(out), cfg, classes) for j in todo]
     bar = tqdm(total=total, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
-    pool = ctx.Pool(min(cfg.workers, len(todo)), initializer=_init_worker, initargs=(counter,))
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # stop like Ctrl-C
+    pool = ctx.Pool(
+        min(cfg.workers, len(todo)), initializer=_init_worker, initargs=(counter, os.getpid())
+    )
     try:
         results = pool.imap_unordered(_run_job, args)
         remaining = len(todo)
@@ -283,6 +293,7 @@ def _run_jobs(todo, out, cfg, classes, total, progress, done) -> None:
         raise
     finally:
         pool.join()
+        signal.signal(signal.SIGTERM, previous)
     bar.n = counter.value
     bar.close()
 

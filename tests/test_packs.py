@@ -229,3 +229,31 @@ def test_resume_after_kill9(tmp_path):
     assert a == b
     assert verify_pack(out).ok
     assert not list(out.rglob("*.partial"))
+
+
+def test_sigterm_stops_conversion_cleanly(tmp_path):
+    """SIGTERM to the converter alone: it stops like Ctrl-C (exit 130), its workers go with
+    it, and the same command finishes the pack."""
+    import psutil
+
+    src = make_tree(tmp_path / "src", classes=6, per_class=60, val_per_class=2, oddities=False)
+    out = tmp_path / "pack"
+    args = [sys.executable, "-m", "datasvc.cli", "convert", str(src), str(out),
+            "--shards", "12", "--workers", "2", "-q"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    done = out / ".convert" / "done"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done.exists() and len(list(done.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.01)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "re-run the same command to resume" in err
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers left behind: {alive}"
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    assert verify_pack(out).ok
