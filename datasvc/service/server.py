@@ -1,15 +1,19 @@
-"""``datasvc serve``: a broker process and worker processes that build batches on request.
+"""``datasvc serve``: a broker process and batch builders that work on request.
 
 The broker binds a ROUTER socket for clients, validates every request, and hands valid ones
-to idle workers over a private ipc socket (least-recently-used queue); workers build batches
-with the same code as the ``custom`` loader and reply through the broker without copies. The
-server keeps no progress state: a request names everything that determines its batch.
+to idle builders (least-recently-used queue). Builders build batches with the same code as the
+``custom`` loader. Process builders (the default) are forked before the broker makes its
+ZeroMQ context and write each batch into a slot of a shared anonymous mapping that the broker
+names; the broker sends that slot to the client without copying it and gives it back once
+libzmq is done with it. Thread builders hand their arrays over inproc. The server keeps no
+progress state: a request names everything that determines its batch.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import mmap
 import multiprocessing as mp
 import os
 import shutil
@@ -33,6 +37,8 @@ from datasvc.service.protocol import (
     pack_header,
     parse_request,
 )
+
+SLOTS_PER_WORKER = 2  # process builders: one batch being sent while the next is built
 
 
 def parse_pack_args(items: list[str]) -> dict[str, str]:
@@ -83,9 +89,13 @@ class _Listings:
         return s
 
 
-def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None, parent=None) -> None:
-    """One worker. A process worker makes its own context and socket after it starts; a
-    thread worker shares the broker's context and talks to it over inproc (no copies)."""
+def worker_main(
+    index: int, packs: dict[str, str], backend: str, ctx=None, parent=None, ring=None, slot_bytes=0
+) -> None:
+    """One worker. A thread worker shares the broker's context and hands batches over inproc
+    (no copies). A process worker (forked before the broker makes its context) makes its own
+    context and socket, and writes each batch into the slot of the shared ``ring`` that the
+    broker names in the task; the broker sends the slot to the client without a copy."""
     import zmq
 
     from datasvc.augment import train_crop
@@ -109,13 +119,14 @@ def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None, paren
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(backend)
-    sock.send_multipart([b"READY"])
+    sock.send_multipart([b"READY", str(index).encode()])
     try:
         while True:
             frames = sock.recv_multipart(copy=True)
             if frames == [b"STOP"]:
                 return
             client, frame = frames[0], frames[1]
+            slot = int(frames[2]) if len(frames) > 2 else None
             t0 = time.perf_counter()
             header, req = parse_request([frame])
             rid = header.get("id")
@@ -126,10 +137,17 @@ def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None, paren
                 if req.op == "samples":
                     reply = _samples_reply(split, ids, cfg, req, rid, train_crop)
                 else:
-                    # Fresh arrays per batch: they leave without a copy, and libzmq may still
-                    # hold them while the next batch is being built.
                     s = req.image_size
-                    images = np.empty((len(ids), s, s, 3), np.uint8)
+                    shape = (len(ids), s, s, 3)
+                    nbytes = len(ids) * s * s * 3
+                    in_ring = slot is not None and nbytes <= slot_bytes
+                    if in_ring:
+                        images = np.frombuffer(ring, np.uint8, nbytes, slot * slot_bytes)
+                        images = images.reshape(shape)
+                    else:
+                        # Fresh arrays per batch: they leave without a copy, and libzmq may
+                        # still hold them while the next batch is being built.
+                        images = np.empty(shape, np.uint8)
                     labels = np.empty(len(ids), np.int64)
                     fill_batch(split, ids, cfg, req.seed, req.epoch, images, labels)
                     head = pack_header(
@@ -143,9 +161,11 @@ def worker_main(index: int, packs: dict[str, str], backend: str, ctx=None, paren
                             "batch": req.batch,
                             "epoch": req.epoch,
                             "busy_s": time.perf_counter() - t0,
+                            "slot": slot if in_ring else None,
                         }
                     )
-                    reply = [head, images, labels, np.ascontiguousarray(ids, np.int64)]
+                    ids = np.ascontiguousarray(ids, np.int64)
+                    reply = [head, labels, ids] if in_ring else [head, images, labels, ids]
             except Exception as e:  # noqa: BLE001 - reported to the client, worker lives on
                 reply = [error_header(rid, "build", f"{type(e).__name__}: {e}")]
             sock.send_multipart([client, *reply], copy=False)
@@ -236,6 +256,7 @@ class Server:
         max_queue: int = 1024,
         hwm: int = 64,
         engine: str = "auto",
+        max_batch_mb: int = 64,
     ):
         from datasvc.packs import open_pack
 
@@ -244,12 +265,14 @@ class Server:
                 f"{bind} is beyond loopback: give --curve-secret and --curve-allow "
                 "(CurveZMQ encryption and a client allow-list), or --insecure to serve plain TCP"
             )
+        # Process builders write batches up to this size into shared slots (address space is
+        # reserved, memory is used only as far as batches reach); larger ones travel by ipc.
+        self.slot_bytes = max_batch_mb << 20
         if engine not in ("auto", "process", "thread"):
             raise ValueError(f"engine must be 'auto', 'process' or 'thread', got {engine!r}")
-        # Threads save two copies of every batch (inproc instead of ipc) and won on a 2-core
-        # machine (BENCHMARKS.md); the GIL is held ~6% of a batch, so past ~8 builders the
-        # processes scale better.
-        self.engine = engine if engine != "auto" else ("thread" if workers <= 8 else "process")
+        # Process builders hand batches over in shared slots (no copy, no GIL) and matched
+        # threads on a 2-core machine (BENCHMARKS.md); threads remain an option.
+        self.engine = "process" if engine == "auto" else engine
         if bool(curve_secret) != bool(curve_allow):
             raise ValueError("--curve-secret and --curve-allow go together")
         self.packs = packs
@@ -301,9 +324,30 @@ class Server:
         import zmq
 
         tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
+        self._ring = None
+        if self.engine == "process":
+            # Forked before any ZeroMQ context exists, so the builders share an anonymous
+            # mapping of batch slots (pages are only backed once written).
+            backend = f"ipc://{tmp}/workers"
+            n_slots = SLOTS_PER_WORKER * self.workers
+            self._ring = mmap.mmap(-1, n_slots * self.slot_bytes)
+            ctx_mp = mp.get_context("fork")
+            procs = [
+                ctx_mp.Process(
+                    target=worker_main,
+                    args=(i, self.packs, backend, None, os.getpid(), self._ring, self.slot_bytes),
+                    daemon=True,
+                    name=f"datasvc-worker-{i}",
+                )
+                for i in range(self.workers)
+            ]
+            for p in procs:
+                p.start()
         ctx = zmq.Context(1)
         back = ctx.socket(zmq.ROUTER)
-        if self.engine == "thread":
+        if self.engine == "process":
+            back.bind(backend)
+        else:
             backend = "inproc://datasvc-workers"
             back.bind(backend)
             procs = [
@@ -315,22 +359,8 @@ class Server:
                 )
                 for i in range(self.workers)
             ]
-        else:
-            # Spawned, not forked: the broker's ZeroMQ context must not cross a fork.
-            backend = f"ipc://{tmp}/workers"
-            back.bind(backend)
-            ctx_mp = mp.get_context("spawn")
-            procs = [
-                ctx_mp.Process(
-                    target=worker_main,
-                    args=(i, self.packs, backend, None, os.getpid()),
-                    daemon=True,
-                    name=f"datasvc-worker-{i}",
-                )
-                for i in range(self.workers)
-            ]
-        for p in procs:
-            p.start()
+            for p in procs:
+                p.start()
         front = ctx.socket(zmq.ROUTER)
         auth = None
         for s in (front, back):
@@ -359,6 +389,10 @@ class Server:
         )
         idle: collections.deque = collections.deque()
         queue: collections.deque = collections.deque()
+        self._free: dict[bytes, list[int]] = {}
+        self._assigned: dict[bytes, int] = {}
+        self._busy: set[bytes] = set()
+        self._pending: list = []
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
@@ -373,9 +407,17 @@ class Server:
                     self._from_worker(back.recv_multipart(copy=False), front, idle)
                 if front in events:
                     self._from_client(front.recv_multipart(copy=False), front, queue)
+                self._reclaim(idle)
                 while idle and queue:
                     client, frame = queue.popleft()
-                    back.send_multipart([idle.popleft(), client, frame], copy=False)
+                    worker = idle.popleft()
+                    extra = []
+                    if self._ring is not None:
+                        slot = self._free[worker].pop()
+                        self._assigned[worker] = slot
+                        extra = [str(slot).encode()]
+                    self._busy.add(worker)
+                    back.send_multipart([worker, client, frame, *extra], copy=False)
                 dead = [p for p in procs if not p.is_alive()]
                 if dead and not self._stop:
                     code = getattr(dead[0], "exitcode", None)
@@ -422,17 +464,49 @@ class Server:
             if p.is_alive() and hasattr(p, "kill"):
                 p.kill()
 
+    def _reclaim(self, idle) -> None:
+        """Slots whose send has completed go back to their worker; a worker with a free slot
+        and nothing to do is idle again."""
+        still = []
+        for worker, slot, tracker in self._pending:
+            if tracker.done:
+                self._free[worker].append(slot)
+                if worker not in self._busy and worker not in idle:
+                    idle.append(worker)
+            else:
+                still.append((worker, slot, tracker))
+        self._pending = still
+
     def _from_worker(self, frames, front, idle) -> None:
+        import zmq
+
         worker = frames[0].bytes
-        if len(frames) == 2 and frames[1].bytes == b"READY":
+        if frames[1].bytes == b"READY":
+            if self._ring is not None:
+                index = int(frames[2].bytes)
+                first = index * SLOTS_PER_WORKER
+                self._free[worker] = list(range(first, first + SLOTS_PER_WORKER))
             idle.append(worker)
             return
+        self._busy.discard(worker)
+        slot = self._assigned.pop(worker, None)
         client, head = frames[1], frames[2]
         header = msgpack.unpackb(head.bytes, raw=False)
+        out = list(frames[1:])
+        if header.get("slot") is not None:
+            # The batch is in the shared ring: send the slot itself, and take it back once
+            # libzmq is done with it.
+            n_bytes = int(np.prod(header["shape"]))
+            base = header.pop("slot") * self.slot_bytes
+            images = zmq.Frame(memoryview(self._ring)[base : base + n_bytes], track=True)
+            self._pending.append((worker, slot, images.tracker))
+            out = [client, msgpack.packb(header, use_bin_type=True), images, *frames[3:]]
+        elif slot is not None:
+            self._free[worker].append(slot)  # an error or an oversized batch left it unused
         cs = self.stats.clients[client.bytes.hex()]
         if header.get("ok"):
             n = header["n"]
-            size = sum(len(f.buffer) for f in frames[2:])
+            size = sum(len(f) if isinstance(f, bytes) else len(f.buffer) for f in out[1:])
             self.stats.batches += 1
             self.stats.images += n
             self.stats.bytes += size
@@ -443,8 +517,9 @@ class Server:
         else:
             self.stats.errors += 1
             cs.errors += 1
-        front.send_multipart(frames[1:], copy=False)
-        idle.append(worker)
+        front.send_multipart(out, copy=False)
+        if self._ring is None or self._free[worker]:
+            idle.append(worker)
 
     def _from_client(self, frames, front, queue) -> None:
         client = frames[0]
@@ -499,9 +574,15 @@ def add_arguments(p) -> None:
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between stats lines")
     p.add_argument(
         "--engine",
-        choices=["process", "thread"],
-        default="process",
-        help="batch builders as processes (ipc to the broker) or threads (inproc)",
+        choices=["auto", "process", "thread"],
+        default="auto",
+        help="batch builders as processes (shared-memory slots; auto) or threads (inproc)",
+    )
+    p.add_argument(
+        "--max-batch-mb",
+        type=int,
+        default=64,
+        help="largest batch that process builders hand over in shared memory (bigger: by ipc)",
     )
 
 
@@ -516,6 +597,7 @@ def main(a) -> int:
             insecure=a.insecure,
             log_interval=a.log_interval,
             engine=a.engine,
+            max_batch_mb=a.max_batch_mb,
         )
     except (ValueError, KeyError, OSError) as e:
         print(f"datasvc serve: error: {e}", file=sys.stderr)
