@@ -17,7 +17,6 @@ def _cmd_sample(a) -> int:
 
 def _cmd_convert(a) -> int:
     from converters.convert import ConversionError, ConvertConfig, convert
-    from converters.source import discover  # noqa: F401 - errors surface below
 
     try:
         cfg = ConvertConfig(

@@ -98,7 +98,6 @@ def _scratch_buffer(nbytes: int) -> bytearray:
     return buf
 
 
-@DECODERS.register("turbo_crop")
 def decode_region_turbo(data, top, left, h, w, s, height, width, fast=False) -> np.ndarray:
     """JPEG bytes → the scaled crop box, decoding only its rows and columns. The array is a
     view of this thread's scratch buffer: valid until the thread's next decode."""
@@ -114,9 +113,10 @@ def decode_region_turbo(data, top, left, h, w, s, height, width, fast=False) -> 
     return np.frombuffer(buf, np.uint8, oh * ow * 3).reshape(oh, ow, 3)
 
 
+# Registered only where the extension was built, rather than registered and then removed.
+if _jpegcrop is not None:
+    DECODERS.add("turbo_crop", decode_region_turbo)
 CROP_DECODER = "turbo_crop" if _jpegcrop is not None else "simplejpeg"
-if _jpegcrop is None:
-    DECODERS._entries.pop("turbo_crop")
 
 
 def image_size(data: bytes) -> tuple[int, int]:
