@@ -2,7 +2,8 @@
 
     python -m benchmarks.convert [--tree DIR] [--workers 2] [--repeats 3] [--json F] [--plot F]
 
-The audit decodes every image, so the decode rate of the same files on the same number of
+The audit entropy-decodes every image (the segmented layout's lossless transcode) or decodes it
+fully (``--jpeg-layout original``), so the decode rate of the same files on the same number of
 cores bounds what conversion can reach; the target is 0.7 of that bound per worker.
 """
 
@@ -51,17 +52,20 @@ def run(tree: Path, workers: int, repeats: int) -> dict:
         bound = n / t
         rows.append({"case": "JPEG decode only, 1 core", "images_per_s": single})
         rows.append({"case": f"JPEG decode only, {workers} processes", "images_per_s": bound})
-        for label, max_side in (("pass-through", None), ("--max-side 512", 512)):
+        cases = (
+            ("segmented (default)", None, "segmented"),
+            ("--jpeg-layout original", None, "original"),
+            ("--max-side 512", 512, "segmented"),
+        )
+        for label, max_side, layout in cases:
 
-            def once(max_side=max_side):
+            def once(max_side=max_side, layout=layout):
                 out = work / "pack"
                 shutil.rmtree(out, ignore_errors=True)
-                convert(
-                    tree,
-                    out,
-                    ConvertConfig(workers=workers, max_side=max_side, shards=4 * workers),
-                    progress=False,
+                cfg = ConvertConfig(
+                    workers=workers, max_side=max_side, shards=4 * workers, jpeg_layout=layout
                 )
+                convert(tree, out, cfg, progress=False)
 
             t, _ = timed_median(once, repeats)
             rate = n / t

@@ -52,10 +52,10 @@ def sample_pack() -> Path:
     from datasvc.packs import MANIFEST_NAME
     from datasvc.sample import write_sample
 
-    pack = CACHE / "bench-sample-v1" / "pack"
+    pack = CACHE / "bench-sample-v2" / "pack"
     if (pack / MANIFEST_NAME).exists():
         return pack
-    tree = CACHE / "bench-sample-v1" / "tree"
+    tree = CACHE / "bench-sample-v2" / "tree"
     shutil.rmtree(tree.parent, ignore_errors=True)
     print(f"making the benchmark sample under {tree.parent} (once)", file=sys.stderr)
     write_sample(tree, classes=10, per_class=100, val_per_class=25, seed=0)

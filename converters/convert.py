@@ -26,6 +26,7 @@ import numpy as np
 from converters.audit import AuditConfig, Rejected, audit_image
 from converters.source import Candidate, SplitListing, discover
 from datasvc import __version__
+from datasvc.decode import CROP_DECODER, JPEG_LAYOUTS
 from datasvc.lifecycle import die_with_parent
 from datasvc.packs import PACK_FORMATS, Sample, shard_name
 from datasvc.packs.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
@@ -46,6 +47,7 @@ class ConvertConfig:
     max_pixels: int = 178_956_970
     strict: bool = False
     seed: int = 0  # train order is a seeded permutation; other splits keep sorted order
+    jpeg_layout: str = "segmented"  # see datasvc.decode.JPEG_LAYOUTS
 
     def __post_init__(self):
         PACK_FORMATS.get(self.format)  # unknown format: lists the valid ones
@@ -53,10 +55,14 @@ class ConvertConfig:
             raise ValueError("--shards must be at least 1")
         if self.shard_size < 1 or self.workers < 1:
             raise ValueError("--shard-size and --workers must be at least 1")
+        if self.jpeg_layout not in JPEG_LAYOUTS:
+            raise ValueError(
+                f"jpeg_layout must be one of {', '.join(JPEG_LAYOUTS)}, got {self.jpeg_layout!r}"
+            )
 
     @property
     def audit(self) -> AuditConfig:
-        return AuditConfig(self.max_side, self.quality, self.max_pixels)
+        return AuditConfig(self.max_side, self.quality, self.max_pixels, self.jpeg_layout)
 
     def plan_options(self) -> dict:
         """The options that decide shard contents (workers and strictness do not)."""
@@ -200,6 +206,11 @@ def convert(
 ) -> dict:
     """Convert ``src`` into a pack at ``out``; resumes an interrupted run. Returns the manifest."""
     src, out = Path(src), Path(out)
+    if cfg.jpeg_layout == "segmented" and CROP_DECODER != "turbo_crop":
+        # Without the C extension there is no lossless transcoder (nor a decoder that gains
+        # from the layout): keep the files' own bytes, and say so in the manifest's options.
+        _log(True, "the datasvc._jpegcrop extension is not built: storing JPEGs as found")
+        cfg = dataclasses.replace(cfg, jpeg_layout="original")
     classes, listings = discover(src, splits, val_labels, val_synsets)
     fmt = PACK_FORMATS.get(cfg.format)
     plan = {

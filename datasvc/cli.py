@@ -29,6 +29,7 @@ def _cmd_convert(a) -> int:
             max_pixels=a.max_pixels,
             strict=a.strict,
             seed=a.seed,
+            jpeg_layout=a.jpeg_layout,
         )
         m = convert(a.src, a.out, cfg, a.split, a.val_labels, a.val_synsets, progress=not a.quiet)
     except (ConversionError, FileNotFoundError, ValueError, KeyError) as e:
@@ -117,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-pixels", type=int, default=178_956_970, help="decompression-bomb cap")
     c.add_argument("--strict", action="store_true", help="any rejected file is an error")
     c.add_argument("--seed", type=int, default=0, help="seed of the train shard order")
+    c.add_argument(
+        "--jpeg-layout",
+        default="segmented",
+        choices=["segmented", "original"],
+        help="segmented (default): re-encode JPEGs losslessly (same pixels) with restart "
+        "markers, so that a random crop entropy-decodes only its part; original: keep the "
+        "files' bytes",
+    )
     c.add_argument(
         "--val-labels",
         help="labels of a flat val folder (LOC_val_solution.csv or "

@@ -113,6 +113,36 @@ def decode_region_turbo(data, top, left, h, w, s, height, width, fast=False) -> 
     return np.frombuffer(buf, np.uint8, oh * ow * 3).reshape(oh, ow, 3)
 
 
+# --- the segmented layout packs are written in -----------------------------------------
+
+#: How a conversion stores JPEGs that pass the audit: ``segmented`` re-encodes their DCT
+#: coefficients losslessly with a restart marker every few MCUs (``_jpegcrop.transcode``), so
+#: that a crop entropy-decodes only the segments it covers; ``original`` keeps the bytes.
+JPEG_LAYOUTS = ("segmented", "original")
+
+
+def segment_interval(width: int, mcu_width: int = 16) -> int:
+    """Restart interval (MCUs) of the segmented layout for an image ``width`` px wide: the
+    largest divisor of the MCUs per row that is at most an eighth of it, rounded up (about 8
+    segments a row; 1 for a prime count), as ``_jpegcrop.transcode`` picks."""
+    per_row = -(-width // mcu_width)
+    r = max(1, -(-per_row // 8))
+    while r > 1 and per_row % r:
+        r -= 1
+    return r
+
+
+def transcode_segmented(data: bytes) -> bytes:
+    """A JPEG → the same coefficients in the segmented layout (lossless). Every scan is
+    entropy-decoded on the way: corrupt or truncated data raises ``DecodeError``."""
+    if _jpegcrop is None:
+        raise RuntimeError("the segmented JPEG layout needs the datasvc._jpegcrop extension")
+    try:
+        return _jpegcrop.transcode(data)
+    except ValueError as e:
+        raise DecodeError(str(e)) from None
+
+
 # Registered only where the extension was built, rather than registered and then removed.
 if _jpegcrop is not None:
     DECODERS.add("turbo_crop", decode_region_turbo)

@@ -27,11 +27,14 @@ import PIL.features
 import simplejpeg
 from PIL import Image
 
+from datasvc.decode import segment_interval
+
 # Pillow, simplejpeg and (usually) OpenCV decode with libjpeg-turbo's ISLOW IDCT and fancy
 # upsampling, as the extension does by default: their pixels match exactly.
 PIL_IS_TURBO = bool(PIL.features.check_feature("libjpeg_turbo"))
 
 SCALES = (1, 2, 4, 8)
+NSEG = int(__import__("os").environ.get("JPEGCROP_SEG_BOXES", 25))
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,6 +189,7 @@ def random_boxes(W: int, H: int, n: int, seed: int) -> list[tuple[int, int, int,
     boxes = [
         (0, 0, W, H),
         (0, 0, 1, 1),
+        (0, 0, 1, H),  # one column at the left edge: one chroma sample wide
         (W - 1, H - 1, 1, 1),
         (0, H - 1, W, 1),
         (W - 1, 0, 1, H),
@@ -624,3 +628,144 @@ def test_no_memory_leak_on_success_and_error_paths(images, cmyk_jpeg):
     grown = proc.memory_info().rss - before
     # a leak of the decoder state or output on any path would be >= ~100 kB per round
     assert grown < 8 * 2**20, grown
+
+
+# ---------------------------------------------------------------------------------------
+# the segmented layout: transcode() and region decoding from restart segments
+
+
+@pytest.fixture(scope="module")
+def segmented(images) -> dict[str, bytes]:
+    return {name: jc.transcode(data) for name, data in images.items()}
+
+
+def _markers(data: bytes) -> set[int]:
+    """The marker codes up to SOS."""
+    found, pos = set(), 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        m = data[pos + 1]
+        found.add(m)
+        if m == 0xDA:
+            break
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return found
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_transcode_is_lossless_and_segmented(images, segmented, name):
+    data, seg = images[name], segmented[name]
+    np.testing.assert_array_equal(decode_full(seg), decode_full(data))
+    np.testing.assert_array_equal(decode_full(seg, fast=True), decode_full(data, fast=True))
+    assert jc.info(seg) == jc.info(data)
+    layout = jc.layout(seg)
+    assert layout is not None
+    assert layout["mcus_per_row"] == layout["restart"] * layout["groups"]
+    W, H, n, _ = jc.info(seg)
+    mcu = 8 if n == 1 else layout["mcu_width"]
+    assert layout["restart"] == segment_interval(W, mcu)
+    assert layout["mcu_rows"] == ceil_div(H, layout["mcu_height"])
+    assert 0xC0 in _markers(seg) and 0xC2 not in _markers(seg)  # progressive → sequential
+    assert 0xDD in _markers(seg)  # DRI
+
+
+def test_layout_of_plain_jpegs(images):
+    assert jc.layout(images["astronaut_420_q90"]) is None  # no restart markers
+    assert jc.layout(images["chelsea_420_progressive"]) is None
+    # cv2's interval 5 divides the 20 MCUs of a 640-px 4:1:1 row: already segmented
+    assert jc.layout(images["rocket_411_restart"]) == {
+        "restart": 5,
+        "groups": 4,
+        "mcu_width": 32,
+        "mcu_height": 8,
+        "mcus_per_row": 20,
+        "mcu_rows": 54,
+    }
+    assert jc.layout(jc.transcode(images["astronaut_420_q90"], restart=0)) is None
+    assert jc.layout(jc.transcode(images["astronaut_420_q90"], restart=7)) is None  # 7 ∤ 32
+    assert jc.layout(jc.transcode(images["astronaut_420_q90"], restart=32))["groups"] == 1
+    assert jc.layout(b"not a jpeg") is None
+
+
+@pytest.mark.parametrize("s", SCALES)
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_segmented_crop_is_exact_region_of_full_decode(segmented, name, s):
+    """Cutting the box's segments out gives the pixels of a full decode, for fancy upsampling
+    (with its margin) and for the fast path, at every scale, and the same bytes as the
+    segment-blind path."""
+    data = segmented[name]
+    W, H, _, _ = jc.info(data)
+    for fast in (False, True):
+        full = decode_full(data, s, fast=fast, segments=False)
+        for x, y, w, h in random_boxes(W, H, NSEG, seed=zlib.crc32(f"seg/{name}/{s}".encode())):
+            sx0, sy0, sx1, sy1 = scaled_box(x, y, w, h, s, W, H)
+            crop = decode(data, x, y, w, h, s, fast=fast)
+            np.testing.assert_array_equal(
+                crop, full[sy0:sy1, sx0:sx1], err_msg=str((x, y, w, h, fast))
+            )
+
+
+def test_segment_interval_matches_transcode():
+    rng = np.random.default_rng(0)
+    for w in [1, 8, 16, 17, 100, 255, 256, 496, 500, 512, 640, 1000, 1024, 4000]:
+        img = rng.integers(0, 256, (24, w, 3), np.uint8)
+        layout = jc.layout(jc.transcode(_pil_jpeg(img, quality=80, subsampling=2)))
+        assert layout["restart"] == segment_interval(w, 16), w
+        assert layout["groups"] >= min(8, layout["mcus_per_row"]) or layout["restart"] == 1
+
+
+def test_damaged_segments_fall_back_and_report(segmented):
+    """A segmented file whose restart markers are not where its headers say is decoded the
+    usual way, and libjpeg's complaint about the damage comes out as ValueError."""
+    data = segmented["astronaut_420_q90"]
+    W, H, _, _ = jc.info(data)
+    layout = jc.layout(data)
+    sos = data.index(b"\xff\xda")
+    rst = [i for i in range(sos, len(data) - 1) if data[i] == 0xFF and 0xD0 <= data[i + 1] <= 0xD7]
+    assert len(rst) == layout["mcus_per_row"] // layout["restart"] * layout["mcu_rows"] - 1
+    k = len(rst) // 3
+    dropped = data[: rst[k]] + data[rst[k] + 2 :]  # one marker gone: segments run together
+    with pytest.raises(ValueError, match="corrupt"):
+        jc.decode_crop(dropped, W // 2, H - 64, W // 2, 64)
+    # the rows above the damage still decode, and the same with or without segments
+    np.testing.assert_array_equal(decode(dropped, 0, 0, W // 2, 32), decode(data, 0, 0, W // 2, 32))
+    with pytest.raises(ValueError):
+        jc.decode_crop(data[: len(data) * 2 // 3], W - 40, H - 40, 40, 40)
+
+
+def test_transcode_rejects_bad_input(images, cmyk_jpeg):
+    data = images["astronaut_420_q90"]
+    for bad in (data[: len(data) // 2], images["chelsea_420_progressive"][:3000], b"\xff\xd8"):
+        with pytest.raises(ValueError):
+            jc.transcode(bad)
+    flipped = bytearray(data)
+    sos = data.index(b"\xff\xda")
+    flipped[sos + 400 : sos + 420] = b"\xff\xd3" * 10
+    with pytest.raises(ValueError, match="corrupt"):
+        jc.transcode(bytes(flipped))
+    for restart in (-2, 65536):
+        with pytest.raises(ValueError, match="restart"):
+            jc.transcode(data, restart=restart)
+    # CMYK keeps its colour space (the audit converts CMYK to RGB before this is reached)
+    assert jc.info(jc.transcode(cmyk_jpeg))[3] in ("CMYK", "YCCK")
+
+
+def test_transcode_and_segmented_decode_do_not_leak(images, segmented):
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    data, seg = images["chelsea_420_progressive"], segmented["odd_333x517_420"]
+    W, H, _, _ = jc.info(seg)
+
+    def once():
+        jc.transcode(data)
+        decode(seg, 40, 40, 100, 100)
+        with pytest.raises(ValueError):
+            jc.transcode(data[: len(data) // 2])
+        with pytest.raises(ValueError):
+            jc.decode_crop(seg[: len(seg) // 2], 0, H - 20, 20, 20)
+
+    for _ in range(30):
+        once()
+    before = proc.memory_info().rss
+    for _ in range(300):
+        once()
+    assert proc.memory_info().rss - before < 8 * 2**20
