@@ -11,7 +11,9 @@ and measures single-threaded images/s for:
   - datasvc._jpegcrop crop decodes of the box at scale 1 and with automatic DCT scaling
     (largest s in {1, 2, 4, 8} with crop_w/s >= 224 and crop_h/s >= 224),
   - each without and with the RandomResizedCrop resize to 224x224 (cv2.INTER_LINEAR; full
-    decodes are sliced to the box first).
+    decodes are sliced to the box first),
+  - the same on the images in the segmented layout packs are stored in (``_jpegcrop.transcode``,
+    lossless): a crop entropy-decodes only the restart segments that cover its box.
 
 Each configuration: one warm-up pass over all images (not timed), then --repeats timed
 passes (rounds interleave the configurations); the table shows the median pass. Images/s
@@ -190,16 +192,21 @@ def pil_draft_crop(data, box):
     return a[y // s : -(-(y + h) // s), x // s : -(-(x + w) // s)]
 
 
-# (name, decoder, returns only the box already)
-CONFIGS: list[tuple[str, Callable, bool]] = [
-    ("simplejpeg full", full_simplejpeg, False),
-    ("cv2.imdecode full", full_cv2, False),
-    ("PIL full", full_pil, False),
-    ("jpegcrop full", full_ours, False),
-    ("jpegcrop crop s=1", crop_ours_s1, True),
-    ("jpegcrop crop auto-s", crop_ours_auto, True),
-    ("jpegcrop crop auto-s fast", crop_ours_auto_fast, True),
-    ("PIL draft(auto-s) + slice", pil_draft_crop, True),
+# (name, decoder, returns only the box already, reads the segmented copies)
+CONFIGS: list[tuple[str, Callable, bool, bool | str]] = [
+    ("simplejpeg full", full_simplejpeg, False, False),
+    ("cv2.imdecode full", full_cv2, False, False),
+    ("PIL full", full_pil, False, False),
+    ("jpegcrop full", full_ours, False, False),
+    ("jpegcrop crop s=1", crop_ours_s1, True, False),
+    ("jpegcrop crop auto-s", crop_ours_auto, True, False),
+    ("jpegcrop crop auto-s fast", crop_ours_auto_fast, True, False),
+    ("PIL draft(auto-s) + slice", pil_draft_crop, True, False),
+    ("sequential, no restarts: full", full_simplejpeg, False, "sequential"),
+    ("segmented: simplejpeg full", full_simplejpeg, False, True),
+    ("segmented: crop s=1", crop_ours_s1, True, True),
+    ("segmented: crop auto-s", crop_ours_auto, True, True),
+    ("segmented: crop auto-s fast", crop_ours_auto_fast, True, True),
 ]
 
 
@@ -276,28 +283,38 @@ def main(argv: list[str] | None = None) -> int:
         f"OpenCV {cv2.__version__}, Pillow {Image.__version__}\n"
     )
 
+    # the same files as `datasvc convert` stores them by default (lossless: same pixels)
+    segmented = [jc.transcode(d) for d in images]
+    assert np.array_equal(full_simplejpeg(segmented[0], None), full_simplejpeg(first, None))
+    # the same coefficients re-encoded without restart markers: what the markers cost
+    # (libjpeg-turbo takes its slower Huffman path in any JPEG with a restart interval)
+    variants = {
+        False: images,
+        True: segmented,
+        "sequential": [jc.transcode(d, restart=0) for d in images],
+    }
     n = len(images)
     passes = [
-        make_pass(decoder, is_crop, resize, images, boxes)
-        for _, decoder, is_crop in CONFIGS
+        make_pass(decoder, is_crop, resize, variants[seg], boxes)
+        for _, decoder, is_crop, seg in CONFIGS
         for resize in (False, True)
     ]
     times = time_passes(passes, args.repeats)
     rows = []
-    for k, (name, _, _) in enumerate(CONFIGS):
+    for k, (name, _, _, _) in enumerate(CONFIGS):
         (dw, dc), (rw, rc) = times[2 * k], times[2 * k + 1]
         rows.append((name, [(n / dw, n / dc), (n / rw, n / rc)]))
 
     base_d, base_r = rows[0][1][0][1], rows[0][1][1][1]  # simplejpeg full, cpu
     hdr = (
-        f"{'configuration':<28}{'decode img/s':>13}{'(wall)':>8}{'x':>7}"
+        f"{'configuration':<32}{'decode img/s':>13}{'(wall)':>8}{'x':>7}"
         f"{'+resize224 img/s':>18}{'(wall)':>8}{'x':>7}"
     )
     print(hdr)
     print("-" * len(hdr))
     for name, ((d_wall, d_cpu), (r_wall, r_cpu)) in rows:
         print(
-            f"{name:<28}{d_cpu:>13.0f}{d_wall:>8.0f}{d_cpu / base_d:>6.2f}x"
+            f"{name:<32}{d_cpu:>13.0f}{d_wall:>8.0f}{d_cpu / base_d:>6.2f}x"
             f"{r_cpu:>18.0f}{r_wall:>8.0f}{r_cpu / base_r:>6.2f}x"
         )
     print(

@@ -315,8 +315,15 @@ def run(a) -> dict:
             row["pil"] = pil_info()
         if backend == "custom":
             from datasvc.decode import CROP_DECODER
+            from datasvc.packs import open_pack
 
             row["decoder"] = CROP_DECODER
+            # packs written before the option existed hold the files' own bytes
+            row["jpeg_layout"] = open_pack(pack).manifest["options"].get("jpeg_layout", "original")
+        if backend.startswith("dali"):
+            import nvidia.dali
+
+            row["dali"] = f"DALI {nvidia.dali.__version__}, {workers} threads"
         if backend == "remote":
             row.update(server_stats)
         row["_per_round"] = per_round
@@ -376,8 +383,10 @@ def format_table(res: dict) -> str:
             row["reason"] = f"unavailable: {r['reason']}"
         elif r.get("pil"):
             row["reason"] = r["pil"]
+        elif r.get("dali"):
+            row["reason"] = r["dali"]
         elif r.get("decoder"):
-            row["reason"] = f"decoder {r['decoder']}"
+            row["reason"] = f"decoder {r['decoder']}, {r['jpeg_layout']} JPEGs"
         elif r.get("bytes_per_image"):
             row["reason"] = f"{r['bytes_per_image'] / 1024:.0f} KiB/image on the wire"
         rows.append(row)

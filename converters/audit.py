@@ -99,10 +99,12 @@ def _fit(arr: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(arr, size, interpolation=interp)
 
 
-def _encode(arr: np.ndarray, cfg: AuditConfig) -> bytes:
-    """HWC RGB → a 4:2:0 JPEG; in the segmented layout with restart markers (libjpeg via
-    OpenCV, as fast as without them)."""
+def _encode(arr: np.ndarray, cfg: AuditConfig, bgr: bool = False) -> bytes:
+    """HWC RGB (or BGR) → a 4:2:0 JPEG; in the segmented layout with restart markers (libjpeg
+    via OpenCV, as fast as without them)."""
     if cfg.jpeg_layout == "original":
+        if bgr:
+            arr = arr[:, :, ::-1]
         return simplejpeg.encode_jpeg(
             np.ascontiguousarray(arr), quality=cfg.quality, colorspace="RGB", colorsubsampling="420"
         )
@@ -114,7 +116,7 @@ def _encode(arr: np.ndarray, cfg: AuditConfig) -> bytes:
         cv2.IMWRITE_JPEG_RST_INTERVAL,
         segment_interval(arr.shape[1], 16),
     ]
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), params)
+    ok, buf = cv2.imencode(".jpg", arr if bgr else cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise Rejected(f"JPEG encoding failed for a {arr.shape[1]}x{arr.shape[0]} image")
     return buf.tobytes()
@@ -125,14 +127,19 @@ def _audit_rgb_jpeg(data: bytes, height: int, width: int, cfg: AuditConfig) -> A
     try:
         if cfg.max_side is not None and max(width, height) > cfg.max_side:
             s = cfg.max_side / max(width, height)
+            bgr = cfg.jpeg_layout == "segmented"  # OpenCV encodes BGR: no conversion pass
             arr = simplejpeg.decode_jpeg(
-                data, min_height=int(height * s), min_width=int(width * s), strict=True
+                data,
+                colorspace="BGR" if bgr else "RGB",
+                min_height=int(height * s),
+                min_width=int(width * s),
+                strict=True,
             )
             arr = _fit(arr, cfg.max_side)
-            return Audited(_encode(arr, cfg), arr.shape[0], arr.shape[1], "resized")
+            return Audited(_encode(arr, cfg, bgr), arr.shape[0], arr.shape[1], "resized")
         if cfg.jpeg_layout == "segmented":
             # entropy-decodes every scan (as strictly as a full decode) and re-encodes the
-            # same coefficients: lossless, and cheaper than the full decode it replaces
+            # same coefficients: lossless, at about the cost of the full decode it replaces
             return Audited(transcode_segmented(data), height, width, "jpeg")
         arr = simplejpeg.decode_jpeg(data, strict=True)
     except (ValueError, DecodeError) as e:
