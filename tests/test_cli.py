@@ -37,8 +37,10 @@ def test_inspect_json(lmdb_pack, capsys):
     train = d["splits"]["train"]
     assert train["num_samples"] > 0 and train["bytes_per_image"] > 1000
     assert train["audit"]["rejected"] == 4 and train["longest_side"]["max"] >= 300
+    assert d["options"]["jpeg_layout"] == "segmented"
     assert main(["inspect", str(lmdb_pack)]) == 0
-    assert "split train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "split train" in out and "jpeg_layout=segmented" in out
 
 
 def test_keys_makes_a_curve_pair(tmp_path, capsys):

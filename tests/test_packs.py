@@ -71,7 +71,7 @@ def test_round_trip(fmt, tree, request):
 def test_jpeg_layouts(clean_tree, clean_pack, tmp_path):
     """--jpeg-layout original stores clean JPEGs byte for byte; the default, segmented, stores
     the same coefficients in restart segments: every crop decodes to the same pixels."""
-    convert(clean_tree, tmp_path / "o", ConvertConfig(jpeg_layout="original"), progress=False)
+    cli("convert", clean_tree, tmp_path / "o", "--jpeg-layout", "original", "-q")
     original, segmented = open_pack(tmp_path / "o"), open_pack(clean_pack)
     assert original.manifest["options"]["jpeg_layout"] == "original"
     assert segmented.manifest["options"]["jpeg_layout"] == "segmented"

@@ -157,6 +157,8 @@ def format_description(d: dict) -> str:
                 for k, v in opts.items()
                 if k in ("max_side", "quality", "seed", "shards")
             )
+            # packs from before the option hold the files' own bytes
+            + f", jpeg_layout={opts.get('jpeg_layout', 'original')}"
         )
     for name, s in d["splits"].items():
         lines.append(
