@@ -245,7 +245,7 @@ static int jc_parse_layout(const unsigned char *d, size_t n, jc_layout *L)
                 return 0;
             ri = ((unsigned)d[pos + 4] << 8) | d[pos + 5];
         } else if (m == 0xDA) { /* SOS */
-            if (!have_sof || d[pos + 4] != nf)
+            if (!have_sof || len < 6 + 2 * (size_t)nf || d[pos + 4] != nf)
                 return 0; /* one scan must hold every component */
             L->entropy = pos + 2 + len;
             break;

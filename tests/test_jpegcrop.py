@@ -769,3 +769,30 @@ def test_transcode_and_segmented_decode_do_not_leak(images, segmented):
     for _ in range(300):
         once()
     assert proc.memory_info().rss - before < 8 * 2**20
+
+
+def test_damaged_segmented_files_never_crash(segmented):
+    """Random byte damage anywhere in a segmented file (headers, markers, entropy data): every
+    crop either decodes or raises ValueError."""
+    rng = np.random.default_rng(5)
+    for name in ("astronaut_420_q90", "odd_333x517_420", "camera_gray"):
+        data = segmented[name]
+        W, H, _, _ = jc.info(data)
+        for _ in range(150):
+            bad = bytearray(data)
+            for _ in range(int(rng.integers(1, 4))):
+                pos = int(rng.integers(0, len(bad)))
+                bad[pos] = int(
+                    rng.choice([0x00, 0xFF, 0xD0 + int(rng.integers(0, 8)), rng.integers(0, 256)])
+                )
+            if rng.random() < 0.2:
+                bad = bad[: int(rng.integers(2, len(bad)))]
+            w, h = int(rng.integers(1, W + 1)), int(rng.integers(1, H + 1))
+            x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+            try:
+                jc.decode_crop(
+                    bytes(bad), x, y, w, h, int(rng.choice(SCALES)), fast=bool(rng.random() < 0.5)
+                )
+            except ValueError:
+                pass
+            jc.layout(bytes(bad))
