@@ -100,11 +100,9 @@ def _fit(arr: np.ndarray, max_side: int | None) -> np.ndarray:
 
 
 def _encode(arr: np.ndarray, cfg: AuditConfig, bgr: bool = False) -> bytes:
-    """HWC RGB (or BGR) → a 4:2:0 JPEG; in the segmented layout with restart markers (libjpeg
-    via OpenCV, as fast as without them)."""
+    """HWC RGB → a 4:2:0 JPEG; in the segmented layout with restart markers (libjpeg via
+    OpenCV, as fast as without them), where ``bgr`` says the array is BGR already."""
     if cfg.jpeg_layout == "original":
-        if bgr:
-            arr = arr[:, :, ::-1]
         return simplejpeg.encode_jpeg(
             np.ascontiguousarray(arr), quality=cfg.quality, colorspace="RGB", colorsubsampling="420"
         )

@@ -26,7 +26,7 @@ import numpy as np
 from converters.audit import AuditConfig, Rejected, audit_image
 from converters.source import Candidate, SplitListing, discover
 from datasvc import __version__
-from datasvc.decode import CROP_DECODER, JPEG_LAYOUTS
+from datasvc.decode import CROP_DECODER
 from datasvc.lifecycle import die_with_parent
 from datasvc.packs import PACK_FORMATS, Sample, shard_name
 from datasvc.packs.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
@@ -55,10 +55,7 @@ class ConvertConfig:
             raise ValueError("--shards must be at least 1")
         if self.shard_size < 1 or self.workers < 1:
             raise ValueError("--shard-size and --workers must be at least 1")
-        if self.jpeg_layout not in JPEG_LAYOUTS:
-            raise ValueError(
-                f"jpeg_layout must be one of {', '.join(JPEG_LAYOUTS)}, got {self.jpeg_layout!r}"
-            )
+        _ = self.audit  # the audit's options (quality, layout...) are checked before any work
 
     @property
     def audit(self) -> AuditConfig:

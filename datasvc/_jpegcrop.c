@@ -22,6 +22,7 @@
  *       numpy.frombuffer(buf, numpy.uint8).reshape(out_h, out_w, 3)
  *   transcode(data, *, restart=-1, optimize=False) -> bytes   (lossless, jpegtran-like)
  *   layout(data) -> dict or None
+ *   restart_interval(mcus_per_row) -> int   (the interval transcode() picks)
  *   UnsupportedColorspaceError (subclass of ValueError): CMYK / YCCK input.
  *
  * All decoding errors, and libjpeg's corrupt-data warnings (premature end of file,
@@ -680,6 +681,22 @@ static PyObject *jc_transcode(PyObject *self, PyObject *args, PyObject *kwargs)
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* restart_interval(mcus_per_row)                                                        */
+
+static PyObject *jc_restart_interval(PyObject *self, PyObject *arg)
+{
+    unsigned long n = PyLong_AsUnsignedLong(arg);
+    (void)self;
+    if (n == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > 65535) {
+        PyErr_Format(PyExc_ValueError, "mcus_per_row must be in 1..65535, not %lu", n);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(jc_restart_for((unsigned)n));
+}
+
+/* ------------------------------------------------------------------------------------ */
 /* layout(data)                                                                          */
 
 static PyObject *jc_layout_info(PyObject *self, PyObject *arg)
@@ -727,6 +744,10 @@ static PyMethodDef jc_methods[] = {
      "decode identically. optimize=True writes optimal Huffman tables (a second\n"
      "pass: twice the time for ~3% smaller files that decode no faster). Every scan is\n"
      "entropy-decoded: corrupt or truncated data raises ValueError."},
+    {"restart_interval", (PyCFunction)jc_restart_interval, METH_O,
+     "restart_interval(mcus_per_row) -> int\n\n"
+     "The restart interval transcode(restart=-1) writes: the largest divisor of the MCUs\n"
+     "per row that is at most an eighth of it, rounded up (1 for a prime count)."},
     {"layout", (PyCFunction)jc_layout_info, METH_O,
      "layout(data) -> dict or None\n\n"
      "The restart-segment layout decode_crop() uses (restart interval, segments per MCU\n"

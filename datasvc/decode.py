@@ -122,14 +122,11 @@ JPEG_LAYOUTS = ("segmented", "original")
 
 
 def segment_interval(width: int, mcu_width: int = 16) -> int:
-    """Restart interval (MCUs) of the segmented layout for an image ``width`` px wide: the
-    largest divisor of the MCUs per row that is at most an eighth of it, rounded up (about 8
-    segments a row; 1 for a prime count), as ``_jpegcrop.transcode`` picks."""
-    per_row = -(-width // mcu_width)
-    r = max(1, -(-per_row // 8))
-    while r > 1 and per_row % r:
-        r -= 1
-    return r
+    """Restart interval (MCUs) of the segmented layout for an image ``width`` px wide, as
+    ``_jpegcrop.transcode`` picks it (about 8 segments per MCU row)."""
+    if _jpegcrop is None:
+        raise RuntimeError("the segmented JPEG layout needs the datasvc._jpegcrop extension")
+    return _jpegcrop.restart_interval(-(-width // mcu_width))
 
 
 def transcode_segmented(data: bytes) -> bytes:

@@ -705,6 +705,12 @@ def test_segmented_crop_is_exact_region_of_full_decode(segmented, name, s):
 
 
 def test_segment_interval_matches_transcode():
+    # the largest divisor of the MCUs per row that is at most an eighth of it, rounded up
+    assert [jc.restart_interval(n) for n in (1, 2, 8, 9, 20, 29, 31, 32, 40, 80)] == [
+        1, 1, 1, 1, 2, 1, 1, 4, 5, 10,
+    ]  # fmt: skip
+    with pytest.raises(ValueError):
+        jc.restart_interval(0)
     rng = np.random.default_rng(0)
     for w in [1, 8, 16, 17, 100, 255, 256, 496, 500, 512, 640, 1000, 1024, 4000]:
         img = rng.integers(0, 256, (24, w, 3), np.uint8)
