@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import threading
 import time
 import zlib
@@ -34,7 +35,8 @@ from datasvc.decode import segment_interval
 PIL_IS_TURBO = bool(PIL.features.check_feature("libjpeg_turbo"))
 
 SCALES = (1, 2, 4, 8)
-NSEG = int(__import__("os").environ.get("JPEGCROP_SEG_BOXES", 25))
+# random boxes per image and scale in the segmented-layout test (more: JPEGCROP_SEG_BOXES=400)
+NSEG = int(os.environ.get("JPEGCROP_SEG_BOXES", 25))
 
 
 # ---------------------------------------------------------------------------------------
