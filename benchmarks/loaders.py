@@ -192,7 +192,7 @@ def bench_backend(
             batch_size=a.batch_size,
             image_size=a.image_size,
             train=not a.eval,
-            workers=workers,
+            num_workers=workers,
             **kw,
         )
     except (ImportError, RuntimeError, KeyError) as e:

@@ -1,4 +1,4 @@
-"""EpochSampler: ``(seed, epoch, rank, world)`` → the sample ids of each batch, and a cursor
+"""EpochSampler: ``(seed, epoch, rank, world_size)`` → the sample ids of each batch, and a cursor
 ``(epoch, batches done)`` that is the whole state needed to resume."""
 
 from __future__ import annotations

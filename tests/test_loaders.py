@@ -38,7 +38,7 @@ ALL = [backend_param(b) for b in BACKENDS]
 def make(backend, pack, **kw):
     kw.setdefault("batch_size", 8)
     kw.setdefault("image_size", 64)
-    kw.setdefault("workers", 1)
+    kw.setdefault("num_workers", 1)
     return create_loader(backend, pack, **kw)
 
 
@@ -102,14 +102,14 @@ def test_same_seed_same_ids(backend, clean_pack):
 
 def test_custom_pixels_are_a_function_of_seed_epoch_id(clean_pack):
     """Same pixels whatever the engine, the number of workers or where the epoch resumed."""
-    a = collect(make("custom", clean_pack, seed=3, workers=1))
-    b = collect(make("custom", clean_pack, seed=3, workers=2, prefetch=3))
-    c = collect(make("custom", clean_pack, seed=3, workers=2, engine="thread"))
+    a = collect(make("custom", clean_pack, seed=3, num_workers=1))
+    b = collect(make("custom", clean_pack, seed=3, num_workers=2, prefetch_factor=3))
+    c = collect(make("custom", clean_pack, seed=3, num_workers=2, engine="thread"))
     assert len(a) == len(b) == len(c) > 0
     for x, y, z in zip(a, b, c):
         assert torch.equal(x.ids, y.ids) and torch.equal(x.images, y.images)
         assert torch.equal(x.ids, z.ids) and torch.equal(x.images, z.images)
-    loader = make("custom", clean_pack, seed=3, workers=2)
+    loader = make("custom", clean_pack, seed=3, num_workers=2)
     loader.set_epoch(1)
     other = collect(loader)
     assert not torch.equal(other[0].images, a[0].images)
@@ -119,11 +119,11 @@ def test_custom_lends_slots_without_copies(clean_pack):
     """A consumer that drops each batch gets the shared slots themselves (no copy) with the
     pixels of a copying run; one that keeps every batch gets them all intact (no slot that it
     still holds is written again)."""
-    ref0 = collect(make("custom", clean_pack, seed=2, workers=1, engine="thread"))
-    later = make("custom", clean_pack, seed=2, workers=1, engine="thread")
+    ref0 = collect(make("custom", clean_pack, seed=2, num_workers=1, engine="thread"))
+    later = make("custom", clean_pack, seed=2, num_workers=1, engine="thread")
     later.set_epoch(1)
     ref1 = collect(later)
-    loader = make("custom", clean_pack, seed=2, workers=1, prefetch=3)
+    loader = make("custom", clean_pack, seed=2, num_workers=1, prefetch_factor=3)
     lent = 0
     with loader:
         for k, b in enumerate(loader):  # epoch 0, streaming
@@ -235,7 +235,7 @@ def test_dali_gpu_batches(clean_pack):
 def test_custom_workers_exit_on_close(clean_pack):
     import psutil
 
-    loader = make("custom", clean_pack, workers=2)
+    loader = make("custom", clean_pack, num_workers=2)
     next(iter(loader))
     pids = loader.worker_pids()
     assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
@@ -254,3 +254,33 @@ def test_unknown_option_is_refused_and_trainer_offers_only_named_ones(clean_pack
     assert _accepts("custom", "pin_memory") and not _accepts("custom", "device_id")
     assert _accepts("dali_gpu", "device_id") and not _accepts("dali_gpu", "pin_memory")
     assert _accepts("remote", "device_id") and _accepts("torch", "pin_memory")
+
+
+def test_torch_style_names_and_their_deprecated_forms(clean_pack):
+    """``num_workers``/``prefetch_factor`` mean what torch's DataLoader means (slots in flight =
+    prefetch_factor × num_workers); the old ``workers``/``prefetch`` still work for one release
+    with a DeprecationWarning, and giving both names of one option is an error."""
+    loader = make("custom", clean_pack, num_workers=2, prefetch_factor=3)
+    assert (loader.num_workers, loader.prefetch_factor, loader.slots) == (2, 3, 6)
+    kw = {"batch_size": 8, "image_size": 64}
+    with pytest.warns(DeprecationWarning, match="workers= is deprecated.*use num_workers="):
+        old = create_loader("custom", clean_pack, workers=2, **kw)
+    assert old.num_workers == 2
+    with pytest.warns(DeprecationWarning, match="prefetch= is deprecated"):
+        old = create_loader("custom", clean_pack, num_workers=2, prefetch=5, **kw)
+    assert old.slots == 5, "the old prefetch counted batches in flight in all"
+    with pytest.warns(DeprecationWarning):
+        torch_old = create_loader("torch", clean_pack, workers=0, **kw)
+    assert torch_old.num_workers == 0 and len(collect(torch_old, 1)) == 1
+    with pytest.raises(TypeError, match="give num_workers= only"):
+        create_loader("custom", clean_pack, workers=1, num_workers=1, **kw)
+
+
+def test_mode_options_are_checked_against_their_literal_types(clean_pack):
+    from datasvc.loaders.custom import ENGINES
+    from datasvc.loaders.remote import DECODE_MODES
+    from datasvc.service.protocol import OPS
+
+    assert ENGINES == ("process", "thread") and "server" in DECODE_MODES and "ping" in OPS
+    with pytest.raises(ValueError, match="engine must be one of"):
+        make("custom", clean_pack, engine="fiber")

@@ -62,7 +62,9 @@ def test_two_ranks_exact_once(server, clean_pack, train):
 
 def _same_as_custom(endpoint, clean_pack):
     ours = run(remote(endpoint, seed=5))
-    local = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, seed=5, workers=1))
+    local = run(
+        create_loader("custom", clean_pack, batch_size=8, image_size=64, seed=5, num_workers=1)
+    )
     assert len(ours) == len(local) > 0
     for a, b in zip(ours, local):
         assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)
@@ -184,7 +186,7 @@ def test_fuzz_while_a_valid_client_is_served(server, clean_pack):
     for i in range(200):
         silent.send(request_header(req, i))
     errors = 0
-    expected = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, workers=1))
+    expected = run(create_loader("custom", clean_pack, batch_size=8, image_size=64, num_workers=1))
     loader = remote(server.endpoint)
     try:
         for k, batch in enumerate(loader):
@@ -223,7 +225,7 @@ def test_error_reply_names_the_problem(server):
 
 def test_gpu_decode_mode_with_dali_cpu_twin(server, clean_pack):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
-    decoded_here = run(remote(server.endpoint, decode="dali_cpu", seed=2, workers=1))
+    decoded_here = run(remote(server.endpoint, decode="dali_cpu", seed=2, num_workers=1))
     decoded_there = run(remote(server.endpoint, seed=2))
     assert len(decoded_here) == len(decoded_there) > 0
     for a, b in zip(decoded_here, decoded_there):

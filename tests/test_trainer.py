@@ -283,6 +283,14 @@ def test_config_overrides_types_and_errors(tmp_path):
         cfg.optim.lr = 1.0
 
 
+def test_config_data_workers_is_the_deprecated_name_of_num_workers():
+    with pytest.warns(DeprecationWarning, match="data.workers is deprecated.*data.num_workers"):
+        cfg = load_config(None, ["data.workers=3"])
+    assert cfg.data.num_workers == 3 and "workers" not in cfg.to_dict()["data"]
+    with pytest.raises(ConfigError, match="same key"):
+        load_config(None, ["data.workers=3", "data.num_workers=2"])
+
+
 SEEDS = {
     # file: (model, per-GPU batch, peak lr at 8 GPUs, weight decay, schedule, epochs, amp)
     "seed001_resnet50.yaml": ("resnet50", 32, 0.2, 5e-5, "cosine", 100, "none"),

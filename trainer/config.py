@@ -11,6 +11,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class DataConfig:
     val_batch_size: int | None = None  # per rank; default batch_size
     image_size: int = 224
     val_image_size: int | None = None  # default image_size
-    workers: int | None = None  # per rank; backend default when None
+    num_workers: int | None = None  # per rank; backend default when None
     pin_memory: bool | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
@@ -321,8 +322,27 @@ def _coerce(kind, value, where: str):
     return value
 
 
+#: Keys renamed in 0.1 (section, old key) → new key; the old ones still load until 0.2.
+RENAMED_KEYS = {("data", "workers"): "num_workers"}
+
+
+def _renamed_keys(name: str, values: dict) -> dict:
+    values = dict(values)
+    for (section, old), new in RENAMED_KEYS.items():
+        if section == name and old in values:
+            _check(new not in values, f"{name}.{old} and {name}.{new} are the same key; give {new}")
+            warnings.warn(
+                f"{name}.{old} is deprecated and will be removed in datasvc 0.2; use {name}.{new}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            values[new] = values.pop(old)
+    return values
+
+
 def _section(name: str, kind: type, values: dict):
     _check(isinstance(values, dict), f"config section {name!r} must be a mapping")
+    values = _renamed_keys(name, values)
     hints = typing.get_type_hints(kind)
     fields = [f.name for f in dataclasses.fields(kind)]
     unknown = set(values) - set(fields)

@@ -61,7 +61,7 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         seed=seed,
-        workers=cfg.workers,
+        num_workers=cfg.num_workers,
         transform=_transform(cfg, train),
         **_options(cfg, device),
     )

@@ -2,11 +2,13 @@
 
 Every backend draws batches from the same ``EpochSampler`` and yields ``Batch(images, labels,
 ids)``: uint8 N×3×S×S RGB, int64 labels, int64 sample ids; with ``len()``, ``set_epoch()``,
-``state_dict()`` and ``load_state_dict()``.
+``state_dict()`` and ``load_state_dict()``. Options follow ``torch.utils.data.DataLoader``'s
+names: ``num_workers``, ``prefetch_factor`` (batches in flight per worker), ``pin_memory``.
 """
 
 from __future__ import annotations
 
+from datasvc.loaders.base import renamed
 from datasvc.registry import Registry
 
 LOADERS = Registry("loader backend")
@@ -28,12 +30,16 @@ def create_loader(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
+    num_workers: int | None = None,
     workers: int | None = None,
     **options,
 ):
     """Build a loader: ``backend`` one of ``list_loaders()``; ``source`` a pack path (or, for
-    ``torch``, an ImageFolder tree; for ``remote``, endpoint(s)). Extra ``options`` go to the
-    backend (e.g. ``pin_memory``, ``prefetch``, ``decoder``, ``pack`` for ``remote``)."""
+    ``torch``, an ImageFolder tree; for ``remote``, endpoint(s)). ``num_workers`` are the
+    processes or threads that build batches (default: one per usable core); extra ``options``
+    go to the backend (e.g. ``pin_memory``, ``prefetch_factor``, ``decoder``, ``pack`` for
+    ``remote``). ``workers`` is the deprecated name of ``num_workers``."""
+    num_workers = renamed("workers", "num_workers", workers, num_workers)
     return LOADERS.get(backend)(
         source,
         split=split,
@@ -43,7 +49,7 @@ def create_loader(
         rank=rank,
         world_size=world_size,
         seed=seed,
-        workers=workers,
+        num_workers=num_workers,
         **options,
     )
 

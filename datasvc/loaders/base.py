@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 from datasvc.augment import TransformConfig
 from datasvc.sampling import EpochSampler
@@ -11,6 +12,21 @@ from datasvc.sampling import EpochSampler
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def renamed(old: str, new: str, old_value, new_value, stacklevel: int = 3):
+    """The value of an option renamed from ``old`` to ``new``: the old name still works for one
+    release (0.2 drops it) with a ``DeprecationWarning``; giving both is an error."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"give {new}= only ({old}= is its deprecated name)")
+    warnings.warn(
+        f"{old}= is deprecated and will be removed in datasvc 0.2; use {new}=",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return old_value
 
 
 class Loader:

@@ -20,6 +20,7 @@ import signal
 import traceback
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -27,9 +28,13 @@ import torch
 from datasvc.batch import Batch, fill_batch
 from datasvc.lifecycle import die_with_parent
 from datasvc.loaders import register_loader
-from datasvc.loaders.base import Loader, default_workers
+from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.memory import recycle_large_allocations
 from datasvc.packs import CorruptSampleError, open_pack
+
+#: Where the custom loader's workers run: forked processes or threads of the consumer.
+Engine = Literal["process", "thread"]
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 class SlotRing:
@@ -88,11 +93,12 @@ def _shutdown(procs, tasks) -> None:
 
 @register_loader("custom")
 class CustomLoader(Loader):
-    """Batches built by ``workers`` processes into shared slots; ``prefetch`` batches ahead.
+    """Batches built by ``num_workers`` processes (or threads) into shared slots.
 
-    Options: ``engine`` ('process' or 'thread'), ``prefetch`` (batches in flight, default 2
-    per worker), ``decoder`` (a ``DECODERS`` name), ``pin_memory``, ``drop_last``, ``timeout``
-    (seconds without any batch before failing).
+    Options: ``engine`` ('process' or 'thread'), ``prefetch_factor`` (batches in flight per
+    worker, default 2, as in torch's DataLoader), ``decoder`` (a ``DECODERS`` name),
+    ``pin_memory``, ``drop_last``, ``timeout`` (seconds without any batch before failing).
+    Deprecated: ``workers`` (now ``num_workers``) and ``prefetch`` (batches in flight in all).
     """
 
     backend = "custom"
@@ -102,16 +108,18 @@ class CustomLoader(Loader):
         source,
         *,
         split="train",
-        workers=None,
-        prefetch=None,
-        decoder=None,
-        pin_memory=False,
-        timeout=120.0,
-        engine="process",
+        num_workers: int | None = None,
+        prefetch_factor: int | None = None,
+        decoder: str | None = None,
+        pin_memory: bool = False,
+        timeout: float = 120.0,
+        engine: Engine = "process",
+        workers: int | None = None,
+        prefetch: int | None = None,
         **common,
     ):
-        if engine not in ("process", "thread"):
-            raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.engine = engine
         recycle_large_allocations()
         self.pack = open_pack(source)
@@ -120,8 +128,15 @@ class CustomLoader(Loader):
             len(self.split),
             **common,
         )
-        self.workers = max(1, workers or default_workers())
-        self.prefetch = max(2, prefetch or 2 * self.workers)
+        num_workers = renamed("workers", "num_workers", workers, num_workers)
+        self.num_workers = max(1, num_workers or default_workers())
+        if prefetch is not None:  # the old meaning: batches in flight in all
+            slots = renamed("prefetch", "prefetch_factor", prefetch, prefetch_factor)
+            self.prefetch_factor = -(-slots // self.num_workers)
+        else:
+            self.prefetch_factor = max(1, prefetch_factor or 2)
+            slots = self.prefetch_factor * self.num_workers
+        self.slots = max(2, slots)  # batches in flight (and shared slots) in all
         self.decoder = decoder
         self.pin_memory = pin_memory
         self.timeout = timeout
@@ -136,7 +151,7 @@ class CustomLoader(Loader):
         if self._procs:
             return
         ctx = mp.get_context("fork")
-        self._ring = SlotRing(self.prefetch, self.batch_size, self.cfg.image_size)
+        self._ring = SlotRing(self.slots, self.batch_size, self.cfg.image_size)
         r = self._ring
         self._slot_images = [
             torch.frombuffer(
@@ -165,7 +180,7 @@ class CustomLoader(Loader):
                     os.getpid(),
                 ),
             )
-            for i in range(self.workers)
+            for i in range(self.num_workers)
         ]
         for p in self._procs:
             p.start()
@@ -193,12 +208,12 @@ class CustomLoader(Loader):
 
     def _thread_batches(self, start: int):
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="datasvc-custom")
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="datasvc-custom")
         end, epoch = len(self.sampler), self.sampler.epoch
         futures = {}
         try:
             for want in range(start, end):
-                for b in range(want, min(end, want + self.prefetch)):
+                for b in range(want, min(end, want + self.slots)):
                     if b not in futures:
                         futures[b] = self._pool.submit(self._build, epoch, b)
                 yield futures.pop(want).result(timeout=self.timeout)
@@ -247,7 +262,7 @@ class CustomLoader(Loader):
         self._start()
         end = len(self.sampler)
         epoch = self.sampler.epoch
-        free = [k for k in range(self.prefetch) if k not in self._held]
+        free = [k for k in range(self.slots) if k not in self._held]
         slot_of: dict[int, int] = {}
         ids_of: dict[int, np.ndarray] = {}
         ready: dict[int, object] = {}
@@ -273,7 +288,7 @@ class CustomLoader(Loader):
                     raise (CorruptSampleError if kind == "corrupt" else RuntimeError)(msg)
                 # Hand the slot itself out while the consumer leaves enough slots for the
                 # workers; it comes back once the consumer drops every view of it.
-                if not self.pin_memory and len(self._held) < self.prefetch - self.workers:
+                if not self.pin_memory and len(self._held) < self.slots - self.num_workers:
                     self._held.add(slot)
                     yield self._lend(slot, len(ids), ids)
                 else:

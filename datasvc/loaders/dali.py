@@ -15,7 +15,7 @@ import torch
 from datasvc.augment import TransformConfig, eval_geometry, train_crop
 from datasvc.batch import Batch
 from datasvc.loaders import register_loader
-from datasvc.loaders.base import Loader, default_workers
+from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.packs import open_pack
 
 INSTALL_HINT = (
@@ -179,7 +179,11 @@ def _images_to_torch(images, device: str, device_id: int | None) -> torch.Tensor
 
 
 class DaliLoader(Loader):
-    """A DALI pipeline per epoch pass, fed batch by batch from the sampler's listing."""
+    """A DALI pipeline per epoch pass, fed batch by batch from the sampler's listing.
+
+    ``num_workers`` is DALI's thread count; ``prefetch_factor`` its prefetch queue depth (DALI's
+    threads build one batch together, so this is the batches in flight, default 2). ``workers``
+    and ``prefetch`` are their deprecated names."""
 
     device = "cpu"
 
@@ -188,11 +192,15 @@ class DaliLoader(Loader):
         source,
         *,
         split="train",
-        workers=None,
-        device_id=None,
-        prefetch=2,
+        num_workers: int | None = None,
+        device_id: int | None = None,
+        prefetch_factor: int | None = None,
+        workers: int | None = None,
+        prefetch: int | None = None,
         **common,
     ):
+        num_workers = renamed("workers", "num_workers", workers, num_workers)
+        prefetch_factor = renamed("prefetch", "prefetch_factor", prefetch, prefetch_factor)
         import_dali()
         self.device_id = require_gpu(device_id) if self.device == "gpu" else None
         self.pack = open_pack(source)
@@ -201,8 +209,8 @@ class DaliLoader(Loader):
             len(self.split),
             **common,
         )
-        self.workers = max(1, workers or default_workers())
-        self.prefetch = prefetch
+        self.num_workers = max(1, num_workers or default_workers())
+        self.prefetch_factor = max(1, prefetch_factor or 2)
 
     def _inputs(self, start: int, end: int, epoch: int):
         cfg = self.cfg
@@ -226,17 +234,17 @@ class DaliLoader(Loader):
             self.cfg,
             device=self.device,
             batch_size=self.batch_size,
-            num_threads=self.workers,
+            num_threads=self.num_workers,
             device_id=self.device_id,
             batches=self._inputs(start, end, self.sampler.epoch),
             count=end - start,
-            prefetch=self.prefetch,
+            prefetch=self.prefetch_factor,
         )
 
 
 @register_loader("dali_cpu")
 class DaliCpuLoader(DaliLoader):
-    """DALI on CPU threads (``device_id=None``); ``workers`` is DALI's thread count."""
+    """DALI on CPU threads (``device_id=None``); ``num_workers`` is DALI's thread count."""
 
     backend = "dali_cpu"
     device = "cpu"

@@ -5,18 +5,22 @@ servers send encoded samples plus crop parameters and the trainer's GPU decodes 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 
 from datasvc.augment import Crop
 from datasvc.batch import Batch
 from datasvc.loaders import register_loader
-from datasvc.loaders.base import Loader
+from datasvc.loaders.base import Loader, renamed
 from datasvc.memory import recycle_large_allocations
 from datasvc.service.client import BatchClient, CurveKeys, RemoteError
 from datasvc.service.protocol import BatchRequest
 
-DECODE_MODES = ("server", "dali_cpu", "dali_gpu")
+#: Where a remote batch is decoded: by the server (uint8 batches), or here by DALI.
+DecodeMode = Literal["server", "dali_cpu", "dali_gpu"]
+DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 
 
 @register_loader("remote")
@@ -25,7 +29,8 @@ class RemoteLoader(Loader):
     per endpoint; default: the first server's batch builders + 2, so none of them waits for
     the next request), ``request_timeout``, ``dead_after`` (seconds with no answer before raising),
     ``decode`` ('server', 'dali_cpu', 'dali_gpu'), ``curve_client_key``/``curve_server_key``
-    (key files from ``datasvc keys``), ``pin_memory``."""
+    (key files from ``datasvc keys``), ``pin_memory``, ``num_workers`` (DALI's threads when
+    decoding here; ``workers`` is its deprecated name)."""
 
     backend = "remote"
 
@@ -35,17 +40,19 @@ class RemoteLoader(Loader):
         *,
         pack: str,
         split="train",
-        workers=None,
-        credits=None,
-        request_timeout=30.0,
-        dead_after=60.0,
-        decode="server",
+        num_workers: int | None = None,
+        credits: int | None = None,
+        request_timeout: float = 30.0,
+        dead_after: float = 60.0,
+        decode: DecodeMode = "server",
         curve_client_key=None,
         curve_server_key=None,
-        pin_memory=False,
-        device_id=None,
+        pin_memory: bool = False,
+        device_id: int | None = None,
+        workers: int | None = None,
         **common,
     ):
+        num_workers = renamed("workers", "num_workers", workers, num_workers)
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         recycle_large_allocations()
@@ -80,7 +87,7 @@ class RemoteLoader(Loader):
         self.classes: list[str] = pong.get("classes", {}).get(pack, [])
         self.decode = decode
         self.pin_memory = pin_memory
-        self.workers = workers or 1
+        self.num_workers = num_workers or 1
         self.device_id = device_id
         if decode != "server":
             from datasvc.loaders.dali import import_dali, require_gpu
@@ -126,7 +133,7 @@ class RemoteLoader(Loader):
                 self.cfg,
                 device=device,
                 batch_size=self.batch_size,
-                num_threads=self.workers,
+                num_threads=self.num_workers,
                 device_id=self.device_id,
                 batches=(self._encoded(h, f) for h, f in replies),
                 count=end - start,

@@ -11,7 +11,7 @@ import torch
 from datasvc.augment import TransformConfig
 from datasvc.batch import Batch
 from datasvc.loaders import register_loader
-from datasvc.loaders.base import Loader, default_workers
+from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.packs import MANIFEST_NAME, open_pack
 
 
@@ -103,7 +103,9 @@ class _CursorBatches:
 
 @register_loader("torch")
 class TorchLoader(Loader):
-    """torchvision + DataLoader with ``workers`` processes (persistent across epochs)."""
+    """torchvision + DataLoader with ``num_workers`` processes (persistent across epochs);
+    ``prefetch_factor`` and ``pin_memory`` are the DataLoader's. ``workers`` is the deprecated
+    name of ``num_workers``."""
 
     backend = "torch"
 
@@ -112,11 +114,13 @@ class TorchLoader(Loader):
         source,
         *,
         split="train",
-        workers=None,
-        pin_memory=False,
-        prefetch_factor=2,
+        num_workers: int | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        workers: int | None = None,
         **common,
     ):
+        num_workers = renamed("workers", "num_workers", workers, num_workers)
         source = Path(source)
         if (source / MANIFEST_NAME).exists():
             self.dataset = PackDataset(open_pack(source).split(split), None)
@@ -125,19 +129,19 @@ class TorchLoader(Loader):
             self.dataset = FolderDataset(root, None)
         super().__init__(len(self.dataset), **common)
         self.dataset.transform = build_transform(self.cfg)
-        self.workers = default_workers() if workers is None else workers
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self._batch_sampler = _CursorBatches(self.sampler)
         kw = {}
-        if self.workers > 0:
+        if self.num_workers > 0:
             kw = {
                 "persistent_workers": True,
-                "prefetch_factor": prefetch_factor,
+                "prefetch_factor": prefetch_factor or 2,
                 "multiprocessing_context": "fork",
             }
         self._dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self._batch_sampler,
-            num_workers=self.workers,
+            num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=pin_memory,
             **kw,

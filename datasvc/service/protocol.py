@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
+from typing import Literal, get_args
 
 import msgpack
 
@@ -15,7 +16,12 @@ MAX_REQUEST_BYTES = 64 * 1024  # ZMQ_MAXMSGSIZE on the server's socket: requests
 MAX_BATCH = 4096
 MAX_IMAGE_SIZE = 1024
 MAX_WORLD = 65536
-OPS = ("batch", "samples", "stats", "ping")
+#: What a request asks for: ``batch`` decoded uint8 images; ``samples`` encoded bytes + crops;
+#: ``stats`` the server's counters; ``ping`` its packs and limits.
+Op = Literal["batch", "samples", "stats", "ping"]
+OPS: tuple[str, ...] = get_args(Op)
+#: Python field name → its shorter key on the wire (the header keeps protocol version 1's keys).
+WIRE_KEYS = {"world_size": "world"}
 
 
 class ProtocolError(Exception):
@@ -37,10 +43,10 @@ class BatchRequest:
     seed: int
     epoch: int
     rank: int
-    world: int
+    world_size: int
     batch_size: int
     batch: int
-    op: str = "batch"  # "batch": decoded uint8 images; "samples": encoded bytes + crops
+    op: Op = "batch"
     transform: TransformConfig | None = None  # None: the defaults for train/image_size
 
     def transform_config(self) -> TransformConfig:
@@ -55,7 +61,7 @@ class BatchRequest:
             self.seed,
             self.epoch,
             self.rank,
-            self.world,
+            self.world_size,
             self.batch_size,
         )
 
@@ -65,7 +71,7 @@ _INT_FIELDS = {
     "seed": (0, 2**63 - 1),
     "epoch": (0, 10**7),
     "rank": (0, MAX_WORLD - 1),
-    "world": (1, MAX_WORLD),
+    "world_size": (1, MAX_WORLD),
     "batch_size": (1, MAX_BATCH),
     "batch": (0, 2**40),
 }
@@ -111,14 +117,17 @@ def parse_request(frames: list) -> tuple[dict, BatchRequest | None]:
         return header, None
     fields = {}
     for name, (lo, hi) in _INT_FIELDS.items():
-        value = header.get(name)
+        key = WIRE_KEYS.get(name, name)
+        value = header.get(key)
         if type(value) is not int:
-            raise ProtocolError("field", f"{name} must be an integer, got {type(value).__name__}")
+            raise ProtocolError("field", f"{key} must be an integer, got {type(value).__name__}")
         if not lo <= value <= hi:
-            raise ProtocolError("range", f"{name}={value} is outside [{lo}, {hi}]")
+            raise ProtocolError("range", f"{key}={value} is outside [{lo}, {hi}]")
         fields[name] = value
-    if fields["rank"] >= fields["world"]:
-        raise ProtocolError("range", f"rank {fields['rank']} is not below world {fields['world']}")
+    if fields["rank"] >= fields["world_size"]:
+        raise ProtocolError(
+            "range", f"rank {fields['rank']} is not below world {fields['world_size']}"
+        )
     for name in ("pack", "split"):
         value = header.get(name)
         if not isinstance(value, str) or not 0 < len(value) <= 256:
@@ -138,7 +147,11 @@ def parse_request(frames: list) -> tuple[dict, BatchRequest | None]:
 
 
 def request_header(req: BatchRequest, request_id: int) -> bytes:
-    body = {f.name: getattr(req, f.name) for f in dataclass_fields(req) if f.name != "transform"}
+    body = {
+        WIRE_KEYS.get(f.name, f.name): getattr(req, f.name)
+        for f in dataclass_fields(req)
+        if f.name != "transform"
+    }
     body["transform"] = req.transform.options() if req.transform is not None else None
     return pack_header({**body, "id": request_id})
 

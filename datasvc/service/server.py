@@ -76,7 +76,7 @@ class _Listings:
                 n,
                 req.batch_size,
                 rank=req.rank,
-                world_size=req.world,
+                world_size=req.world_size,
                 seed=req.seed,
                 shuffle=req.train,
                 drop_last=req.train,
@@ -309,7 +309,7 @@ class Server:
             splits[req.split],
             req.batch_size,
             rank=req.rank,
-            world_size=req.world,
+            world_size=req.world_size,
             shuffle=req.train,
             drop_last=req.train,
         ).__len__()
