@@ -27,6 +27,7 @@ from converters.audit import AuditConfig, Rejected, audit_image
 from converters.source import Candidate, SplitListing, discover
 from datasvc import __version__
 from datasvc.decode import CROP_DECODER
+from datasvc.errors import UserError
 from datasvc.lifecycle import die_with_parent
 from datasvc.packs import PACK_FORMATS, Sample, shard_name
 from datasvc.packs.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
@@ -69,8 +70,8 @@ class ConvertConfig:
         return d
 
 
-class ConversionError(Exception):
-    pass
+class ConversionError(UserError):
+    """A conversion that cannot run as asked (bad source, options or output)."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from datasvc.errors import run_command
+
 
 def _cmd_sample(a) -> int:
     from datasvc.sample import write_sample
@@ -95,6 +97,11 @@ def _cmd_keys(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="datasvc", description=__doc__)
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also DATASVC_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("sample", help="write the built-in ImageNet-like sample tree")
@@ -166,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Parse, run one command; an expected failure is one line on stderr (datasvc.errors)."""
     args = build_parser().parse_args(argv)
-    return args.fn(args) or 0
+    return run_command(f"datasvc {args.cmd}", lambda: args.fn(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also DATASVC_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model (run under torchrun for several ranks)")
@@ -139,15 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error_prefix(cmd: str) -> str:
+    """``python -m trainer train``, with the rank under torchrun: one line per rank at most."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f" [rank {_rank()}/{world}]" if world > 1 else ""
+    return f"python -m trainer {cmd}{rank}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError
+    """Parse, run one command; an expected failure is one line on stderr (datasvc.errors)."""
+    from datasvc.errors import run_command
 
     a = build_parser().parse_args(argv)
-    try:
-        return a.fn(a)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"python -m trainer {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_error_prefix(a.cmd), lambda: a.fn(a), debug=a.debug)
 
 
 if __name__ == "__main__":

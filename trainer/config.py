@@ -17,11 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from datasvc.errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration that cannot be trained: unknown key, bad value or inconsistent choice."""
 
 

@@ -8,11 +8,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from datasvc.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class PackError(Exception):
+class PackError(UserError):
     """A pack is missing, incomplete, damaged or of an unsupported version."""
 
 
