@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_READY = re.compile(r"datasvc serve: (tcp://\S+) packs")
+_READY = re.compile(r"(tcp://\S+) packs ")
 
 
 class LocalServer:

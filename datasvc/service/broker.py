@@ -1,0 +1,464 @@
+"""The broker: owns the client socket (a ROUTER), validates every request, queues valid ones as
+tasks and hands them to idle builders, then sends each builder's reply to its client (the
+images straight from the shared slot, without a copy). The broker keeps no progress state: a
+request names everything that determines its batch, so any builder (or server) can build it.
+
+Per-client state (counters) lives in a bounded table; a client that has been quiet longest is
+forgotten first.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from datasvc.service.auth import is_loopback, load_keypair
+from datasvc.service.builders import (
+    DONE,
+    READY,
+    STOP,
+    TASK,
+    BuilderPool,
+    builder_identity,
+    builder_index,
+)
+from datasvc.service.protocol import (
+    MAX_REQUEST_BYTES,
+    BatchRequest,
+    ProtocolError,
+    error_header,
+    pack_header,
+    parse_request,
+)
+from datasvc.service.slots import SlotRing
+
+log = logging.getLogger(__name__)
+
+SLOTS_PER_BUILDER = 2  # one batch being sent while the next is built
+MAX_CLIENTS = 1024  # per-client counters kept; the quietest client is forgotten beyond this
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    batches: int = 0
+    images: int = 0
+    bytes: int = 0
+    errors: int = 0
+
+
+class ClientTable:
+    """Per-client state by ZeroMQ identity, at most ``size`` entries (least recently seen
+    forgotten first), so clients that come and go cannot grow the broker without bound."""
+
+    def __init__(self, size: int = MAX_CLIENTS):
+        self.size = size
+        self._d: collections.OrderedDict[bytes, ClientStats] = collections.OrderedDict()
+        self.forgotten = 0
+
+    def __getitem__(self, identity: bytes) -> ClientStats:
+        entry = self._d.get(identity)
+        if entry is None:
+            entry = self._d[identity] = ClientStats()
+            if len(self._d) > self.size:
+                self._d.popitem(last=False)
+                self.forgotten += 1
+        self._d.move_to_end(identity)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def as_dict(self) -> dict:
+        return {k.hex(): vars(v) for k, v in self._d.items()}
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    batches: int = 0
+    images: int = 0
+    bytes: int = 0
+    errors: int = 0
+    busy_s: float = 0.0
+    clients: ClientTable = field(default_factory=ClientTable)
+
+    def as_dict(self, builders: int) -> dict:
+        up = max(1e-9, time.time() - self.started)
+        return {
+            "uptime_s": round(up, 1),
+            "batches": self.batches,
+            "images": self.images,
+            "bytes": self.bytes,
+            "errors": self.errors,
+            "images_per_s": round(self.images / up, 1),
+            "bytes_per_image": round(self.bytes / self.images) if self.images else 0,
+            "worker_busy": round(self.busy_s / (up * builders), 3),
+            "clients": self.clients.as_dict(),
+            "clients_forgotten": self.clients.forgotten,
+        }
+
+
+@dataclass
+class Task:
+    """A validated request waiting for, or held by, a builder."""
+
+    number: int
+    client: bytes
+    request_id: int | None
+    frame: object  # the request frame as received (zmq.Frame)
+    builder: int | None = None
+    slot: int | None = None
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """What ``datasvc serve`` was asked to do (validated by ``Broker``)."""
+
+    packs: dict
+    bind: str
+    builders: int = 2
+    engine: str = "auto"
+    curve_secret: str | None = None
+    curve_allow: str | None = None
+    insecure: bool = False
+    log_interval: float = 10.0
+    max_queue: int = 1024
+    hwm: int = 64
+    max_batch_mb: int = 64
+
+
+def _pack_sizes(packs: dict) -> tuple[dict, dict]:
+    from datasvc.packs import open_pack
+
+    sizes, classes = {}, {}
+    for name, path in packs.items():
+        manifest = open_pack(path).manifest
+        sizes[name] = {s: v["num_samples"] for s, v in manifest["splits"].items()}
+        classes[name] = list(manifest["classes"])
+    return sizes, classes
+
+
+class Broker:
+    """Broker + builder pool serving ``config.packs`` at ``config.bind``."""
+
+    def __init__(self, config: BrokerConfig):
+        c = config
+        if not is_loopback(c.bind) and not c.curve_secret and not c.insecure:
+            raise ValueError(
+                f"{c.bind} is beyond loopback: give --curve-secret and --curve-allow "
+                "(CurveZMQ encryption and a client allow-list), or --insecure to serve plain TCP"
+            )
+        if c.engine not in ("auto", "process", "thread"):
+            raise ValueError(f"engine must be 'auto', 'process' or 'thread', got {c.engine!r}")
+        if bool(c.curve_secret) != bool(c.curve_allow):
+            raise ValueError("--curve-secret and --curve-allow go together")
+        self.config = c
+        # Process builders hand batches over in shared slots (no copy, no GIL) and matched
+        # threads on a 2-core machine (BENCHMARKS.md); threads remain an option.
+        self.engine = "process" if c.engine == "auto" else c.engine
+        # Batches up to this size are written into shared slots (address space is reserved,
+        # memory is used only as far as batches reach); larger ones travel as fresh arrays.
+        self.slot_bytes = c.max_batch_mb << 20
+        self.sizes, self.classes = _pack_sizes(c.packs)
+        self.stats = Stats()
+        self.endpoint = None
+        self._stop = False
+        self._queue: collections.deque[Task] = collections.deque()
+        self._tasks: dict[int, Task] = {}  # by number: queued or held by a builder
+        self._next_task = 0
+        self._idle: collections.deque[int] = collections.deque()  # builder indices
+        self._holding: dict[int, Task] = {}  # builder index → the task it builds
+
+    # --- start and stop ---------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Start the builders and sockets, serve until SIGTERM/SIGINT, then stop them all."""
+        self._tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
+        self._ctx = self.front = self.back = self._auth = None
+        self.ring = SlotRing(self.config.builders, SLOTS_PER_BUILDER, self.slot_bytes)
+        try:
+            self._start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: setattr(self, "_stop", True))
+            self._loop()
+        finally:
+            self._close()
+
+    def _start(self) -> None:
+        import zmq
+
+        inproc = self.engine == "thread"
+        backend = "inproc://datasvc-builders" if inproc else f"ipc://{self._tmp}/builders"
+        self.pool = BuilderPool(
+            self.config.packs, self.config.builders, self.engine, self.ring, backend
+        )
+        if not inproc:
+            # Forked before any ZeroMQ context exists: the builders share the slot mapping.
+            self.pool.start(parent=os.getpid())
+        self._ctx = zmq.Context(1)
+        self.back = self._ctx.socket(zmq.ROUTER)
+        self.back.linger = 0
+        self.back.router_handover = 1  # a replaced builder takes over its routing id
+        self.back.router_mandatory = 1  # a send to a builder not (or no longer) there raises
+        self.back.bind(backend)
+        if inproc:
+            self.pool.start(ctx=self._ctx)
+        self.front = self._front_socket()
+        self.front.bind(self.config.bind)
+        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info(
+            "%s packs %s workers %d%s",
+            self.endpoint,
+            json.dumps(self.sizes),
+            self.config.builders,
+            " curve" if self._auth else "",
+        )
+
+    def _front_socket(self):
+        import zmq
+
+        front = self._ctx.socket(zmq.ROUTER)
+        front.linger = 0
+        front.maxmsgsize = MAX_REQUEST_BYTES
+        front.sndhwm = self.config.hwm  # a client that stops reading gets drops, not memory
+        front.rcvhwm = self.config.hwm * 4
+        if self.config.curve_secret:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            pub, sec = load_keypair(self.config.curve_secret)
+            if sec is None:
+                raise ValueError(f"{self.config.curve_secret} holds no secret key")
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(self.config.curve_allow))
+            front.curve_publickey, front.curve_secretkey = pub, sec
+            front.curve_server = True
+        return front
+
+    def _close(self) -> None:
+        if self.back is not None:
+            self._stop_builders()
+        elif hasattr(self, "pool"):
+            self.pool.join(time.monotonic())
+        if self._auth:
+            self._auth.stop()
+        for s in (self.front, self.back):
+            if s is not None:
+                s.close(0)
+        if self._ctx is not None and not self.pool.any_alive():
+            self._ctx.term()  # a thread builder still holding a socket would block term()
+        self.ring.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _stop_builders(self, grace: float = 3.0) -> None:
+        """Tell idle builders to stop, and busy ones as soon as they report back."""
+        import zmq
+
+        stopped = set()
+        deadline = time.monotonic() + grace
+        while len(stopped) < self.config.builders and time.monotonic() < deadline:
+            for i in range(self.config.builders):
+                if i not in stopped and i not in self._holding:
+                    try:
+                        self.back.send_multipart([builder_identity(i), STOP])
+                        stopped.add(i)
+                    except zmq.ZMQError:
+                        pass
+            if self.back.poll(100):
+                frames = self.back.recv_multipart()
+                self._holding.pop(builder_index(frames[0]), None)
+        self.pool.join(deadline)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        last_log, last_images = time.time(), 0
+        while not self._stop:
+            events = dict(poller.poll(500))
+            if self.back in events:
+                self._on_builder(self.back.recv_multipart(copy=False))
+            if self.front in events:
+                self._on_client(self.front.recv_multipart(copy=False))
+            for i in self.ring.reclaim():
+                self._maybe_idle(i)
+            self._dispatch()
+            dead = self.pool.dead()
+            if dead and not self._stop:
+                raise RuntimeError(f"builder {dead[0][0]} died ({dead[0][1]})")
+            now = time.time()
+            if self.config.log_interval and now - last_log >= self.config.log_interval:
+                self._log_stats((self.stats.images - last_images) / (now - last_log))
+                last_log, last_images = now, self.stats.images
+
+    def _log_stats(self, rate: float) -> None:
+        st = self.stats.as_dict(self.config.builders)
+        log.info(
+            "%d batches, %d images, %.0f img/s, %d clients, %d errors, worker busy %.2f",
+            st["batches"],
+            st["images"],
+            rate,
+            len(self.stats.clients),
+            st["errors"],
+            st["worker_busy"],
+        )
+
+    def _maybe_idle(self, builder: int) -> None:
+        """A builder that holds no task and has a free slot can take the next one."""
+        if builder not in self._holding and builder not in self._idle:
+            if self.ring.has_free(builder):
+                self._idle.append(builder)
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            task = self._queue.popleft()
+            builder = self._idle.popleft()
+            task.builder, task.slot = builder, self.ring.take(builder)
+            self._holding[builder] = task
+            self.back.send_multipart(
+                [
+                    builder_identity(builder),
+                    TASK,
+                    b"%d" % task.number,
+                    task.frame,
+                    b"%d" % task.slot,
+                ],
+                copy=False,
+            )
+
+    # --- builders' messages -----------------------------------------------------------------
+
+    def _on_builder(self, frames) -> None:
+        builder = builder_index(frames[0].bytes)
+        kind = frames[1].bytes
+        if kind == READY:
+            self._maybe_idle(builder)
+            return
+        if kind != DONE:
+            log.error("builder %d sent an unknown frame %r", builder, kind[:16])
+            return
+        task = self._tasks.pop(int(frames[2].bytes), None)
+        self._holding.pop(builder, None)
+        if task is not None:
+            self._deliver(task, frames[3], frames[4:])
+        self._maybe_idle(builder)
+
+    def _deliver(self, task: Task, head, buffers) -> None:
+        """Send a builder's reply to its client: the images from the slot when they are in it."""
+        header = msgpack.unpackb(head.bytes, raw=False)
+        slot = header.pop("slot", None)
+        if slot is not None:
+            n_bytes = 1
+            for d in header["shape"]:
+                n_bytes *= d
+            images = self.ring.send_frame(task.builder, slot, n_bytes)
+            out = [msgpack.packb(header, use_bin_type=True), images, *buffers]
+        else:
+            self.ring.give_back(task.builder, task.slot)  # an error or oversized batch
+            out = [head, *buffers]
+        cs = self.stats.clients[task.client]
+        if header.get("ok"):
+            size = sum(len(f) if isinstance(f, bytes) else len(f.buffer) for f in out)
+            self.stats.batches += 1
+            self.stats.images += header["n"]
+            self.stats.bytes += size
+            self.stats.busy_s += header.get("busy_s", 0.0)
+            cs.batches += 1
+            cs.images += header["n"]
+            cs.bytes += size
+        else:
+            self.stats.errors += 1
+            cs.errors += 1
+        self.front.send_multipart([task.client, *out], copy=False)
+
+    # --- clients' messages ------------------------------------------------------------------
+
+    def _on_client(self, frames) -> None:
+        client = frames[0].bytes
+        cs = self.stats.clients[client]
+        cs.requests += 1
+        rid = None
+        try:
+            header, req = parse_request([f.bytes for f in frames[1:]])
+            rid = header.get("id")
+            if req is None:
+                self.front.send_multipart([client, self._control_reply(header)])
+                return
+            self._check(req)
+            if len(self._queue) >= self.config.max_queue:
+                raise ProtocolError(
+                    "busy", f"server queue full ({self.config.max_queue}); retry later"
+                )
+            self._enqueue(client, rid, frames[1])
+        except ProtocolError as e:
+            self.stats.errors += 1
+            cs.errors += 1
+            self.front.send_multipart([client, error_header(rid, e.code, str(e))])
+
+    def _enqueue(self, client: bytes, rid, frame) -> None:
+        task = Task(self._next_task, client, rid, frame)
+        self._next_task += 1
+        self._tasks[task.number] = task
+        self._queue.append(task)
+
+    def _control_reply(self, header: dict) -> bytes:
+        rid = header.get("id")
+        if header["op"] == "stats":
+            body = self.stats.as_dict(self.config.builders)
+            body["packs"] = self.sizes
+            return pack_header({"id": rid, "ok": True, "op": "stats", "stats": body})
+        return pack_header(
+            {
+                "id": rid,
+                "ok": True,
+                "op": "pong",
+                "packs": self.sizes,
+                "classes": self.classes,
+                "workers": self.config.builders,
+            }
+        )
+
+    def _check(self, req: BatchRequest) -> None:
+        from datasvc.sampling import EpochSampler
+
+        if req.pack not in self.sizes:
+            raise ProtocolError(
+                "pack", f"unknown pack {req.pack!r}; served: {', '.join(sorted(self.sizes))}"
+            )
+        splits = self.sizes[req.pack]
+        if req.split not in splits:
+            raise ProtocolError(
+                "split",
+                f"pack {req.pack!r} has no split {req.split!r}; splits: {', '.join(splits)}",
+            )
+        n = len(
+            EpochSampler(
+                splits[req.split],
+                req.batch_size,
+                rank=req.rank,
+                world_size=req.world_size,
+                shuffle=req.train,
+                drop_last=req.train,
+            )
+        )
+        if req.batch >= n:
+            raise ProtocolError(
+                "range",
+                f"batch {req.batch} is past the end of the epoch "
+                f"listing ({n} batches for this rank)",
+            )
