@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
+import collections
+import logging
+import threading
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -11,6 +17,59 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.nd
     if not shuffle:
         return np.arange(num_samples, dtype=np.int64)
     return np.random.default_rng([seed, epoch]).permutation(num_samples).astype(np.int64)
+
+
+class ListingCache:
+    """Epoch orders shared by every sampler of a process, least recently used first out.
+
+    An order depends only on ``(num_samples, seed, epoch, shuffle)`` -- not on rank, world
+    size or batch size -- so a server answering 64 ranks computes each epoch's listing once
+    (an ImageNet listing costs ~50 ms and 10 MB). Orders are read-only: a rank's batch is a
+    view. ``max_bytes`` bounds the memory held; ``computed`` counts the listings made, so a
+    test or a metric can tell a shared listing from a recomputed one.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = int(max_bytes)
+        self.computed = 0
+        self._orders: collections.OrderedDict = collections.OrderedDict()
+        self._bytes = 0
+        # Held while computing, so two thread builders asking at once compute one listing.
+        self._lock = threading.Lock()
+
+    def order(self, num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+        key = (int(num_samples), int(seed), int(epoch), bool(shuffle))
+        with self._lock:
+            order = self._orders.get(key)
+            if order is not None:
+                self._orders.move_to_end(key)
+                return order
+            order = epoch_order(*key)
+            order.setflags(write=False)
+            self.computed += 1
+            self._orders[key] = order
+            self._bytes += order.nbytes
+            # Keep at least the newest listing even when it alone exceeds the bound.
+            while self._bytes > self.max_bytes and len(self._orders) > 1:
+                _, old = self._orders.popitem(last=False)
+                self._bytes -= old.nbytes
+            return order
+
+    def __len__(self) -> int:
+        return len(self._orders)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._orders.clear()
+            self._bytes = 0
+
+
+#: The process's listings; every ``EpochSampler`` draws from it unless given another.
+LISTINGS = ListingCache()
 
 
 class EpochSampler:
@@ -37,6 +96,7 @@ class EpochSampler:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        listings: ListingCache | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -52,14 +112,16 @@ class EpochSampler:
         self.epoch = 0
         self.offset = 0  # global sample position where this epoch's listing starts
         self.batches_done = 0
+        self.listings = LISTINGS if listings is None else listings
         self._order = None
         self._order_epoch = None
 
     # --- the listing ------------------------------------------------------------------------
 
     def order(self) -> np.ndarray:
+        """This epoch's global order (read-only, shared with every sampler of the process)."""
         if self._order_epoch != self.epoch:
-            self._order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+            self._order = self.listings.order(self.num_samples, self.seed, self.epoch, self.shuffle)
             self._order_epoch = self.epoch
         return self._order
 

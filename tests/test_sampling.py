@@ -90,3 +90,36 @@ def test_resume_other_world(train, old, new):
         assert n - len(flat) < bs * max(old, new)
     else:
         assert sorted(flat.tolist()) == list(range(n))
+
+
+def test_listing_computed_once_for_every_rank():
+    from datasvc.sampling import ListingCache
+
+    cache = ListingCache()
+    n, bs, world = 10_000, 16, 64
+    seen = []
+    for epoch in (0, 1):
+        for r in range(world):
+            s = EpochSampler(n, bs, rank=r, world_size=world, seed=3, listings=cache)
+            s.set_epoch(epoch)
+            for b in range(len(s)):
+                ids = s.batch(b)
+                assert ids.base is not None and not ids.flags.writeable, "a read-only view"
+                seen.append(ids)
+        assert cache.computed == epoch + 1, "one listing per epoch, whatever the world size"
+    flat = np.concatenate(seen[: len(seen) // 2])
+    assert len(np.unique(flat)) == len(flat) == (n // (bs * world)) * bs * world
+
+
+def test_listing_cache_memory_is_bounded():
+    from datasvc.sampling import ListingCache
+
+    cache = ListingCache(max_bytes=3 * 8 * 1000)
+    for epoch in range(10):
+        cache.order(1000, 0, epoch, True)
+    assert len(cache) == 3 and cache.nbytes == 3 * 8 * 1000
+    cache.order(1000, 0, 9, True)  # still held: not recomputed
+    assert cache.computed == 10
+    cache.order(1000, 0, 0, True)  # evicted long ago: recomputed, same order
+    assert cache.computed == 11
+    assert np.array_equal(cache.order(1000, 0, 0, True), EpochSampler(1000, 1).order())

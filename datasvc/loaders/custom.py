@@ -202,9 +202,7 @@ class CustomLoader(Loader):
             labels.numpy(),
             self.decoder,
         )
-        return Batch(
-            images.permute(0, 3, 1, 2), labels, torch.from_numpy(np.asarray(ids, np.int64))
-        )
+        return Batch(images.permute(0, 3, 1, 2), labels, torch.from_numpy(np.array(ids, np.int64)))
 
     def _thread_batches(self, start: int):
         if self._pool is None:
@@ -314,7 +312,7 @@ class CustomLoader(Loader):
         _, labels = self._ring.views(slot)
         images = self._slot_images[slot][:n].permute(0, 3, 1, 2)
         lab = torch.from_numpy(labels[:n].copy())
-        return Batch(images, lab, torch.from_numpy(np.asarray(ids, np.int64)))
+        return Batch(images, lab, torch.from_numpy(np.array(ids, np.int64)))
 
     def _copy_out(self, slot: int, n: int, ids: np.ndarray) -> Batch:
         images, labels = self._ring.views(slot)
@@ -322,4 +320,4 @@ class CustomLoader(Loader):
         out = torch.empty((n, s, s, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
         out.numpy()[...] = images[:n]
         lab = torch.from_numpy(labels[:n].copy())
-        return Batch(out.permute(0, 3, 1, 2), lab, torch.from_numpy(np.asarray(ids, np.int64)))
+        return Batch(out.permute(0, 3, 1, 2), lab, torch.from_numpy(np.array(ids, np.int64)))
