@@ -20,6 +20,8 @@
  *       -> (buffer, out_h, out_w)
  *       RGB, interleaved HWC, uint8:
  *       numpy.frombuffer(buf, numpy.uint8).reshape(out_h, out_w, 3)
+ *   cut_segments(data, x, y, w, h, scale_denom=1, *, fast=False) -> (bytes, x, y) or None
+ *       the restart segments decode_crop() would decode, as a JPEG of their own
  *   transcode(data, *, restart=-1, optimize=False) -> bytes   (lossless, jpegtran-like)
  *   layout(data) -> dict or None
  *   restart_interval(mcus_per_row) -> int   (the interval transcode() picks)
@@ -359,85 +361,271 @@ static unsigned jc_restart_for(unsigned mcus_per_row)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* decode_crop(data, x, y, w, h, scale_denom=1, *, fast=False)                           */
+/* decode_crop(data, x, y, w, h, scale_denom=1, *, fast=False), in three steps:            */
+/*   jc_parse_crop_args: the Python arguments;                                             */
+/*   jc_cut_box: for the segmented layout, the restart segments that cover the box;       */
+/*   jc_decode_rows: libjpeg decodes the box's rows and copies its columns out.            */
 
-static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
+typedef struct {
+    Py_buffer view;
+    Py_buffer out_view; /* optional caller-provided output buffer (obj NULL if absent) */
+    Py_ssize_t x, y, w, h;
+    int scale, fast, segments;
+} jc_crop_args;
+
+static void jc_release_crop_args(jc_crop_args *a)
+{
+    if (a->out_view.obj != NULL)
+        PyBuffer_Release(&a->out_view);
+    PyBuffer_Release(&a->view);
+}
+
+static int jc_check_scale(int scale)
+{
+    if (scale == 1 || scale == 2 || scale == 4 || scale == 8)
+        return 1;
+    PyErr_Format(PyExc_ValueError, "scale_denom must be 1, 2, 4 or 8, not %d", scale);
+    return 0;
+}
+
+/* 1 with the buffers held (release them with jc_release_crop_args), or 0 with an error. */
+static int jc_parse_crop_args(PyObject *args, PyObject *kwargs, jc_crop_args *a)
 {
     static char *kwlist[] = {"data", "x",   "y",   "w",        "h",
                              "scale_denom", "fast", "out", "segments", NULL};
-    Py_buffer view;
-    Py_buffer out_view = {0}; /* optional caller-provided output buffer (obj NULL if absent) */
-    Py_ssize_t x, y, w, h;
-    int scale = 1, fast = 0, segments = 1;
+    memset(a, 0, sizeof(*a));
+    a->scale = 1;
+    a->segments = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnnn|i$pw*p:decode_crop", kwlist,
+                                     &a->view, &a->x, &a->y, &a->w, &a->h, &a->scale, &a->fast,
+                                     &a->out_view, &a->segments))
+        return 0;
+    if (!jc_check_scale(a->scale)) {
+        jc_release_crop_args(a);
+        return 0;
+    }
+    return 1;
+}
+
+/* MCU rows [r0, r1) and segment columns [c0, c1) of a segmented JPEG. */
+typedef struct {
+    unsigned r0, r1, c0, c1;
+} jc_segment_range;
+
+/* The segments that cover the box plus `margin` pixels on each side for fancy upsampling's
+ * chroma neighbours (plain upsampling needs none). 1 if that is fewer than all of them. */
+static int jc_plan_segments(const jc_layout *L, Py_ssize_t x, Py_ssize_t y, Py_ssize_t w,
+                            Py_ssize_t h, int scale, int fast, jc_segment_range *R)
+{
+    const Py_ssize_t margin = fast ? 0 : scale, seg_px = L->restart * L->mcu_w;
+    const Py_ssize_t bx0 = x > margin ? x - margin : 0, by0 = y > margin ? y - margin : 0;
+    const Py_ssize_t bx1 = x + w + margin, by1 = y + h + margin;
+    R->c0 = (unsigned)(bx0 / seg_px);
+    R->r0 = (unsigned)(by0 / L->mcu_h);
+    R->c1 = (unsigned)((bx1 + seg_px - 1) / seg_px);
+    R->r1 = (unsigned)((by1 + L->mcu_h - 1) / L->mcu_h);
+    if (R->c1 > L->groups)
+        R->c1 = L->groups;
+    if (R->r1 > L->mcu_rows)
+        R->r1 = L->mcu_rows;
+    /* libjpeg upsamples a subsampled component whose (scaled) row is 2 samples or less
+     * without the fancy filter: keep the sub-image wide enough for the same filter as
+     * in the whole image (3 chroma samples at this scale) */
+    while ((R->c1 == L->groups ? (Py_ssize_t)L->width : (Py_ssize_t)R->c1 * seg_px) -
+                   (Py_ssize_t)R->c0 * seg_px <
+               3 * (Py_ssize_t)scale * L->max_h &&
+           (R->c0 > 0 || R->c1 < L->groups)) {
+        if (R->c1 < L->groups)
+            R->c1++;
+        else
+            R->c0--;
+    }
+    return R->r0 > 0 || R->c0 > 0 || R->r1 < L->mcu_rows || R->c1 < L->groups;
+}
+
+/* For a JPEG in the segmented layout whose box (*x, *y, w, h) lies inside it: the sub-image
+ * of the segments that cover the box (in this thread's buffer), with *src, *len, *x and *y
+ * moved to it; returns 1. Returns 0, changing nothing, when the whole JPEG is to be decoded
+ * (no layout, the box needs every segment, a bad box, damaged entropy data). Called with the
+ * GIL held; releases it while copying. */
+static int jc_cut_box(const unsigned char **src, size_t *len, Py_ssize_t *x, Py_ssize_t *y,
+                      Py_ssize_t w, Py_ssize_t h, int scale, int fast)
+{
+    jc_layout L;
+    jc_segment_range R;
+    const unsigned char *sub = NULL;
+    size_t sub_len;
+
+    memset(&L, 0, sizeof(L));
+    if (*x < 0 || *y < 0 || w < 1 || h < 1 || !jc_parse_layout(*src, *len, &L) ||
+        *x + w > (Py_ssize_t)L.width || *y + h > (Py_ssize_t)L.height ||
+        !jc_plan_segments(&L, *x, *y, w, h, scale, fast, &R))
+        return 0;
+    Py_BEGIN_ALLOW_THREADS
+    sub_len = jc_build_sub(*src, *len, &L, R.r0, R.r1, R.c0, R.c1, &sub);
+    Py_END_ALLOW_THREADS
+    if (sub_len == 0)
+        return 0;
+    *src = sub;
+    *len = sub_len;
+    *x -= (Py_ssize_t)R.c0 * L.restart * L.mcu_w;
+    *y -= (Py_ssize_t)R.r0 * L.mcu_h;
+    return 1;
+}
+
+/* The box in the output of a decompressor whose header has been read. */
+typedef struct {
+    JDIMENSION sx0, sy0, out_w, out_h; /* the scaled box */
+    JDIMENSION sW;                     /* scaled image width */
+} jc_scaled_box;
+
+/* Sets RGB output, DCT scaling and IDCT/upsampling for `a` and finds the scaled box.
+ * 1, or 0 with a Python error set (CMYK, a box outside the image, a format libjpeg does not
+ * turn into 3 components). libjpeg errors longjmp to the caller's handler. */
+static int jc_setup_output(j_decompress_ptr cinfo, const jc_crop_args *a, Py_ssize_t x,
+                           Py_ssize_t y, jc_scaled_box *B)
+{
+    const Py_ssize_t W = (Py_ssize_t)cinfo->image_width, H = (Py_ssize_t)cinfo->image_height;
+    const int scale = a->scale;
+    JDIMENSION sx1, sy1;
+
+    if (cinfo->jpeg_color_space == JCS_CMYK || cinfo->jpeg_color_space == JCS_YCCK) {
+        PyErr_Format(UnsupportedColorspaceError,
+                     "CMYK JPEG (colorspace %s) is not supported; use a library decoder",
+                     jc_colorspace_name(cinfo->jpeg_color_space));
+        return 0;
+    }
+    if (x < 0 || y < 0 || a->w < 1 || a->h < 1 || x > W - a->w || y > H - a->h) {
+        PyErr_Format(PyExc_ValueError,
+                     "crop box (x=%zd, y=%zd, w=%zd, h=%zd) is not inside the %zdx%zd image", x,
+                     y, a->w, a->h, W, H);
+        return 0;
+    }
+    cinfo->out_color_space = JCS_RGB; /* also converts grayscale to RGB */
+    cinfo->scale_num = 1;
+    cinfo->scale_denom = (unsigned int)scale;
+    cinfo->dct_method = a->fast ? JDCT_IFAST : JDCT_ISLOW;
+    cinfo->do_fancy_upsampling = a->fast ? FALSE : TRUE;
+    jpeg_calc_output_dimensions(cinfo);
+    if (cinfo->output_components != 3) {
+        PyErr_SetString(PyExc_ValueError, "cannot decode JPEG: unsupported output format");
+        return 0;
+    }
+    B->sW = cinfo->output_width;
+    B->sx0 = (JDIMENSION)(x / scale);
+    B->sy0 = (JDIMENSION)(y / scale);
+    sx1 = (JDIMENSION)((x + a->w + scale - 1) / scale);
+    sy1 = (JDIMENSION)((y + a->h + scale - 1) / scale);
+    if (sx1 > B->sW)
+        sx1 = B->sW;
+    if (sy1 > cinfo->output_height)
+        sy1 = cinfo->output_height;
+    B->out_w = sx1 - B->sx0;
+    B->out_h = sy1 - B->sy0;
+    return 1;
+}
+
+/* Decodes the box's rows into `out` (out_h rows of out_w RGB pixels) and stops: rows below
+ * it are never decoded. Runs without the GIL; libjpeg errors longjmp to the caller. */
+static void jc_decode_rows(j_decompress_ptr cinfo, const jc_scaled_box *B, unsigned char *out)
+{
+    const size_t out_stride = (size_t)B->out_w * 3;
+    const JDIMENSION sW = B->sW, out_h = B->out_h;
+    JDIMENSION xoff, cw, row, col0, group, got;
+
+    jpeg_start_decompress(cinfo);
+
+    /* Column range. One extra pixel is asked for on each side (where the image has
+     * one) so that fancy upsampling of the wanted columns sees the same chroma
+     * neighbours as in a full decode: the edge columns of a cropped decode are
+     * upsampled with edge replication. */
+    xoff = B->sx0 > JC_CROP_MARGIN ? B->sx0 - JC_CROP_MARGIN : 0;
+    cw = (B->sx0 + B->out_w + JC_CROP_MARGIN < sW ? B->sx0 + B->out_w + JC_CROP_MARGIN : sW) -
+         xoff;
+    /* and at least 4 samples of every subsampled component: libjpeg's fancy upsampling
+     * of a one-sample row differs from the same columns of a wider one */
+    if (cw < 4 * (JDIMENSION)cinfo->max_h_samp_factor)
+        cw = 4 * (JDIMENSION)cinfo->max_h_samp_factor < sW - xoff
+                 ? 4 * (JDIMENSION)cinfo->max_h_samp_factor
+                 : sW - xoff;
+    if (xoff != 0 || cw != cinfo->output_width)
+        jpeg_crop_scanline(cinfo, &xoff, &cw); /* xoff may move left; cw grows */
+    col0 = B->sx0 - xoff;
+
+    if (B->sy0 > 0 && jpeg_skip_scanlines(cinfo, B->sy0) != B->sy0)
+        ERREXIT(cinfo, JERR_BAD_STATE); /* not reachable with a memory source */
+
+    /* rows per jpeg_read_scanlines call: a whole row group (2 with h2v2 merged
+     * upsampling) avoids the library's spare-row copy */
+    group = cinfo->rec_outbuf_height > 0 ? (JDIMENSION)cinfo->rec_outbuf_height : 1;
+    if (col0 == 0 && cinfo->output_width == B->out_w) {
+        /* no cropping (full-width box): decode straight into the output */
+        JSAMPARRAY rows = (JSAMPARRAY)(*cinfo->mem->alloc_small)(
+            (j_common_ptr)cinfo, JPOOL_IMAGE, (size_t)out_h * sizeof(JSAMPROW));
+        for (row = 0; row < out_h; row++)
+            rows[row] = (JSAMPROW)(out + (size_t)row * out_stride);
+        for (row = 0; row < out_h; row += got) {
+            got = jpeg_read_scanlines(cinfo, rows + row, out_h - row);
+            if (got == 0)
+                ERREXIT(cinfo, JERR_BAD_STATE); /* not reachable with a memory source */
+        }
+    } else {
+        /* Decode into scratch rows and copy the wanted columns out. Freed with the
+         * decompressor on every path. Sized for uncropped rows: libjpeg-turbo before
+         * 2.0.7/2.1.3 could write a whole uncropped row with merged (fast) upsampling
+         * after jpeg_crop_scanline. */
+        JSAMPARRAY scratch =
+            (*cinfo->mem->alloc_sarray)((j_common_ptr)cinfo, JPOOL_IMAGE, sW * 3, group);
+        for (row = 0; row < out_h;) {
+            JDIMENSION i, want = out_h - row < group ? out_h - row : group;
+            got = jpeg_read_scanlines(cinfo, scratch, want);
+            if (got == 0)
+                ERREXIT(cinfo, JERR_BAD_STATE);
+            for (i = 0; i < got; i++, row++)
+                memcpy(out + (size_t)row * out_stride, scratch[i] + (size_t)col0 * 3,
+                       out_stride);
+        }
+    }
+}
+
+/* The output object: the caller's buffer (checked for size) or a new bytearray. */
+static PyObject *jc_output_for(const jc_crop_args *a, const jc_scaled_box *B)
+{
+    const Py_ssize_t need = (Py_ssize_t)B->out_h * (Py_ssize_t)B->out_w * 3;
+    if (a->out_view.obj == NULL)
+        return PyByteArray_FromStringAndSize(NULL, need);
+    /* Decode into the caller's buffer (e.g. a reused, cache-hot scratch area). */
+    if (a->out_view.len < need) {
+        PyErr_Format(PyExc_ValueError, "out holds %zd bytes, the crop needs %zd",
+                     a->out_view.len, need);
+        return NULL;
+    }
+    Py_INCREF(a->out_view.obj);
+    return a->out_view.obj;
+}
+
+static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    jc_crop_args a;
     const unsigned char *src;
     size_t src_len;
-    jc_layout layout;
+    Py_ssize_t x, y;
+    jc_scaled_box B;
     struct jpeg_decompress_struct cinfo;
     jc_error_mgr jerr;
     /* modified after setjmp and read by the longjmp handler: volatile */
     PyObject *volatile result = NULL;
     PyThreadState *volatile tstate = NULL;
-    Py_ssize_t W, H;
-    JDIMENSION sW, sH, sx0, sy0, sx1, sy1, out_w, out_h;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnnn|i$pw*p:decode_crop", kwlist,
-                                     &view, &x, &y, &w, &h, &scale, &fast, &out_view,
-                                     &segments))
+    if (!jc_parse_crop_args(args, kwargs, &a))
         return NULL;
-
-    if (scale != 1 && scale != 2 && scale != 4 && scale != 8) {
-        if (out_view.obj != NULL)
-            PyBuffer_Release(&out_view);
-        PyBuffer_Release(&view);
-        PyErr_Format(PyExc_ValueError, "scale_denom must be 1, 2, 4 or 8, not %d", scale);
-        return NULL;
-    }
-
-    src = (const unsigned char *)view.buf;
-    src_len = (size_t)view.len;
-    memset(&layout, 0, sizeof(layout));
-    if (segments && x >= 0 && y >= 0 && w >= 1 && h >= 1 &&
-        jc_parse_layout(src, src_len, &layout) && x + w <= (Py_ssize_t)layout.width &&
-        y + h <= (Py_ssize_t)layout.height) {
-        /* Decode only the segments that cover the box, plus `margin` pixels on each side
-         * for fancy upsampling's chroma neighbours (plain upsampling needs none). */
-        const Py_ssize_t margin = fast ? 0 : scale, seg_px = layout.restart * layout.mcu_w;
-        const Py_ssize_t bx0 = x > margin ? x - margin : 0, by0 = y > margin ? y - margin : 0;
-        const Py_ssize_t bx1 = x + w + margin, by1 = y + h + margin;
-        unsigned c0 = (unsigned)(bx0 / seg_px), r0 = (unsigned)(by0 / layout.mcu_h);
-        unsigned c1 = (unsigned)((bx1 + seg_px - 1) / seg_px);
-        unsigned r1 = (unsigned)((by1 + layout.mcu_h - 1) / layout.mcu_h);
-        if (c1 > layout.groups)
-            c1 = layout.groups;
-        if (r1 > layout.mcu_rows)
-            r1 = layout.mcu_rows;
-        /* libjpeg upsamples a subsampled component whose (scaled) row is 2 samples or less
-         * without the fancy filter: keep the sub-image wide enough for the same filter as
-         * in the whole image (3 chroma samples at this scale) */
-        while ((c1 == layout.groups ? (Py_ssize_t)layout.width : (Py_ssize_t)c1 * seg_px) -
-                       (Py_ssize_t)c0 * seg_px <
-                   3 * (Py_ssize_t)scale * layout.max_h &&
-               (c0 > 0 || c1 < layout.groups)) {
-            if (c1 < layout.groups)
-                c1++;
-            else
-                c0--;
-        }
-        if (r0 > 0 || c0 > 0 || r1 < layout.mcu_rows || c1 < layout.groups) {
-            const unsigned char *sub = NULL;
-            size_t sub_len;
-            Py_BEGIN_ALLOW_THREADS
-            sub_len = jc_build_sub(src, src_len, &layout, r0, r1, c0, c1, &sub);
-            Py_END_ALLOW_THREADS
-            if (sub_len > 0) {
-                src = sub;
-                src_len = sub_len;
-                x -= (Py_ssize_t)c0 * seg_px;
-                y -= (Py_ssize_t)r0 * layout.mcu_h;
-            }
-        }
-    }
+    src = (const unsigned char *)a.view.buf;
+    src_len = (size_t)a.view.len;
+    x = a.x;
+    y = a.y;
+    if (a.segments)
+        jc_cut_box(&src, &src_len, &x, &y, a.w, a.h, a.scale, a.fast);
 
     jc_init_error(&cinfo, &jerr);
     if (setjmp(jerr.jb)) {
@@ -445,157 +633,61 @@ static PyObject *jc_decode_crop(PyObject *self, PyObject *args, PyObject *kwargs
             PyEval_RestoreThread(tstate);
         jpeg_destroy_decompress(&cinfo); /* safe if already destroyed (mem == NULL) */
         Py_XDECREF(result);
-        if (out_view.obj != NULL)
-            PyBuffer_Release(&out_view);
-        PyBuffer_Release(&view);
+        jc_release_crop_args(&a);
         jc_set_error(&jerr);
         return NULL;
     }
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, src, (unsigned long)src_len);
     jpeg_read_header(&cinfo, TRUE);
-
-    if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
-        PyErr_Format(UnsupportedColorspaceError,
-                     "CMYK JPEG (colorspace %s) is not supported; use a library decoder",
-                     jc_colorspace_name(cinfo.jpeg_color_space));
-        goto fail;
-    }
-
-    W = (Py_ssize_t)cinfo.image_width;
-    H = (Py_ssize_t)cinfo.image_height;
-    if (x < 0 || y < 0 || w < 1 || h < 1 || x > W - w || y > H - h) {
-        PyErr_Format(PyExc_ValueError,
-                     "crop box (x=%zd, y=%zd, w=%zd, h=%zd) is not inside the %zdx%zd image", x,
-                     y, w, h, W, H);
-        goto fail;
-    }
-
-    cinfo.out_color_space = JCS_RGB; /* also converts grayscale to RGB */
-    cinfo.scale_num = 1;
-    cinfo.scale_denom = (unsigned int)scale;
-    cinfo.dct_method = fast ? JDCT_IFAST : JDCT_ISLOW;
-    cinfo.do_fancy_upsampling = fast ? FALSE : TRUE;
-    jpeg_calc_output_dimensions(&cinfo);
-    if (cinfo.output_components != 3) {
-        PyErr_SetString(PyExc_ValueError, "cannot decode JPEG: unsupported output format");
-        goto fail;
-    }
-    sW = cinfo.output_width;
-    sH = cinfo.output_height;
-
-    /* the crop box in the scaled image */
-    sx0 = (JDIMENSION)(x / scale);
-    sy0 = (JDIMENSION)(y / scale);
-    sx1 = (JDIMENSION)((x + w + scale - 1) / scale);
-    sy1 = (JDIMENSION)((y + h + scale - 1) / scale);
-    if (sx1 > sW)
-        sx1 = sW;
-    if (sy1 > sH)
-        sy1 = sH;
-    out_w = sx1 - sx0;
-    out_h = sy1 - sy0;
-
-    if (out_view.obj != NULL) {
-        /* Decode into the caller's buffer (e.g. a reused, cache-hot scratch area). */
-        if (out_view.len < (Py_ssize_t)out_h * (Py_ssize_t)out_w * 3) {
-            PyErr_Format(PyExc_ValueError, "out holds %zd bytes, the crop needs %zd",
-                         out_view.len, (Py_ssize_t)out_h * (Py_ssize_t)out_w * 3);
-            goto fail;
-        }
-        result = out_view.obj;
-        Py_INCREF(result);
-    } else {
-        result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)out_h * (Py_ssize_t)out_w * 3);
-        if (result == NULL)
-            goto fail;
-    }
-
-    tstate = PyEval_SaveThread();
-    {
-        unsigned char *out = out_view.obj != NULL ? (unsigned char *)out_view.buf
-                                                  : (unsigned char *)PyByteArray_AS_STRING(result);
-        const size_t out_stride = (size_t)out_w * 3;
-        JDIMENSION xoff, cw, skipped, row, col0, group, got;
-        JSAMPARRAY scratch;
-
-        jpeg_start_decompress(&cinfo);
-
-        /* Column range. One extra pixel is asked for on each side (where the image has
-         * one) so that fancy upsampling of the wanted columns sees the same chroma
-         * neighbours as in a full decode: the edge columns of a cropped decode are
-         * upsampled with edge replication. */
-        xoff = sx0 > JC_CROP_MARGIN ? sx0 - JC_CROP_MARGIN : 0;
-        cw = (sx1 + JC_CROP_MARGIN < sW ? sx1 + JC_CROP_MARGIN : sW) - xoff;
-        /* and at least 4 samples of every subsampled component: libjpeg's fancy upsampling
-         * of a one-sample row differs from the same columns of a wider one */
-        if (cw < 4 * (JDIMENSION)cinfo.max_h_samp_factor)
-            cw = 4 * (JDIMENSION)cinfo.max_h_samp_factor < sW - xoff
-                     ? 4 * (JDIMENSION)cinfo.max_h_samp_factor
-                     : sW - xoff;
-        if (xoff != 0 || cw != cinfo.output_width)
-            jpeg_crop_scanline(&cinfo, &xoff, &cw); /* xoff may move left; cw grows */
-        col0 = sx0 - xoff;
-
-        if (sy0 > 0) {
-            skipped = jpeg_skip_scanlines(&cinfo, sy0);
-            if (skipped != sy0)
-                ERREXIT(&cinfo, JERR_BAD_STATE); /* not reachable with a memory source */
-        }
-
-        /* rows per jpeg_read_scanlines call: a whole row group (2 with h2v2 merged
-         * upsampling) avoids the library's spare-row copy */
-        group = cinfo.rec_outbuf_height > 0 ? (JDIMENSION)cinfo.rec_outbuf_height : 1;
-        if (col0 == 0 && cinfo.output_width == out_w) {
-            /* no cropping (full-width box): decode straight into the output */
-            JSAMPARRAY rows = (JSAMPARRAY)(*cinfo.mem->alloc_small)(
-                (j_common_ptr)&cinfo, JPOOL_IMAGE, (size_t)out_h * sizeof(JSAMPROW));
-            for (row = 0; row < out_h; row++)
-                rows[row] = (JSAMPROW)(out + (size_t)row * out_stride);
-            for (row = 0; row < out_h;) {
-                got = jpeg_read_scanlines(&cinfo, rows + row, out_h - row);
-                if (got == 0)
-                    ERREXIT(&cinfo, JERR_BAD_STATE); /* not reachable with a memory source */
-                row += got;
-            }
-        } else {
-            /* Decode into scratch rows and copy the wanted columns out. Freed with the
-             * decompressor on every path. Sized for uncropped rows: libjpeg-turbo before
-             * 2.0.7/2.1.3 could write a whole uncropped row with merged (fast) upsampling
-             * after jpeg_crop_scanline. */
-            scratch = (*cinfo.mem->alloc_sarray)((j_common_ptr)&cinfo, JPOOL_IMAGE, sW * 3,
-                                                 group);
-            for (row = 0; row < out_h;) {
-                JDIMENSION i, want = out_h - row < group ? out_h - row : group;
-                got = jpeg_read_scanlines(&cinfo, scratch, want);
-                if (got == 0)
-                    ERREXIT(&cinfo, JERR_BAD_STATE);
-                for (i = 0; i < got; i++, row++)
-                    memcpy(out + (size_t)row * out_stride, scratch[i] + (size_t)col0 * 3,
-                           out_stride);
-            }
-        }
-        /* stop here: rows below the box are never decoded */
+    if (!jc_setup_output(&cinfo, &a, x, y, &B) || (result = jc_output_for(&a, &B)) == NULL) {
         jpeg_destroy_decompress(&cinfo);
+        jc_release_crop_args(&a);
+        return NULL;
     }
+    tstate = PyEval_SaveThread();
+    jc_decode_rows(&cinfo, &B,
+                   a.out_view.obj != NULL ? (unsigned char *)a.out_view.buf
+                                          : (unsigned char *)PyByteArray_AS_STRING(result));
+    jpeg_destroy_decompress(&cinfo); /* not finished: rows below the box are never read */
     PyEval_RestoreThread(tstate);
     tstate = NULL;
-
-    if (out_view.obj != NULL)
-        PyBuffer_Release(&out_view);
-    PyBuffer_Release(&view);
-    return Py_BuildValue("(NII)", (PyObject *)result, (unsigned int)out_h, (unsigned int)out_w);
-
-fail: /* Python exception already set; GIL held */
-    jpeg_destroy_decompress(&cinfo);
-    Py_XDECREF(result);
-    if (out_view.obj != NULL)
-        PyBuffer_Release(&out_view);
-    PyBuffer_Release(&view);
-    return NULL;
+    jc_release_crop_args(&a);
+    return Py_BuildValue("(NII)", (PyObject *)result, (unsigned int)B.out_h,
+                         (unsigned int)B.out_w);
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* cut_segments(data, x, y, w, h, scale_denom=1, *, fast=False)                          */
+
+static PyObject *jc_cut_segments(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"data", "x", "y", "w", "h", "scale_denom", "fast", NULL};
+    Py_buffer view;
+    Py_ssize_t x, y, w, h;
+    int scale = 1, fast = 0;
+    const unsigned char *src;
+    size_t len;
+    PyObject *res;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnnn|i$p:cut_segments", kwlist, &view, &x,
+                                     &y, &w, &h, &scale, &fast))
+        return NULL;
+    if (!jc_check_scale(scale)) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    src = (const unsigned char *)view.buf;
+    len = (size_t)view.len;
+    if (!jc_cut_box(&src, &len, &x, &y, w, h, scale, fast)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    res = Py_BuildValue("(y#nn)", (const char *)src, (Py_ssize_t)len, x, y);
+    PyBuffer_Release(&view);
+    return res;
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* transcode(data, *, restart=-1, optimize=False)                                        */
@@ -735,6 +827,14 @@ static PyMethodDef jc_methods[] = {
      "truncated data, UnsupportedColorspaceError (a ValueError) for CMYK/YCCK.\n"
      "segments=True (JPEGs in the restart-segment layout, see transcode()) entropy-decodes\n"
      "only the restart segments around the box; the pixels are the same either way."},
+    {"cut_segments", (PyCFunction)(void (*)(void))jc_cut_segments, METH_VARARGS | METH_KEYWORDS,
+     "cut_segments(data, x, y, w, h, scale_denom=1, *, fast=False) -> (bytes, x, y) or None\n\n"
+     "For a JPEG in the restart-segment layout: the small valid JPEG of the restart segments\n"
+     "that cover the box (x, y, w, h), exactly the one decode_crop() decodes for the same\n"
+     "arguments, and the box's corner inside it. decode_crop(sub, x, y, w, h, scale_denom,\n"
+     "fast=fast, segments=False) then gives the pixels decode_crop(data, ...) gives. None\n"
+     "when decode_crop() would decode the whole JPEG (no layout, a box that needs every\n"
+     "segment or is not inside the image, damaged entropy data)."},
     {"transcode", (PyCFunction)(void (*)(void))jc_transcode, METH_VARARGS | METH_KEYWORDS,
      "transcode(data, *, restart=-1, optimize=False) -> bytes\n\n"
      "Lossless re-encoding of a JPEG's DCT coefficients (as jpegtran does) as one sequential\n"

@@ -98,13 +98,16 @@ def _scratch_buffer(nbytes: int) -> bytearray:
     return buf
 
 
-def decode_region_turbo(data, top, left, h, w, s, height, width, fast=False) -> np.ndarray:
+def decode_region_turbo(
+    data, top, left, h, w, s, height, width, fast=False, segments=True
+) -> np.ndarray:
     """JPEG bytes → the scaled crop box, decoding only its rows and columns. The array is a
-    view of this thread's scratch buffer: valid until the thread's next decode."""
+    view of this thread's scratch buffer: valid until the thread's next decode. ``segments``
+    False decodes ``data`` as given (a JPEG already cut to the box's restart segments)."""
     need = (w // s + 2) * (h // s + 2) * 3
     try:
         buf, oh, ow = _jpegcrop.decode_crop(
-            data, left, top, w, h, s, fast=fast, out=_scratch_buffer(need)
+            data, left, top, w, h, s, fast=fast, out=_scratch_buffer(need), segments=segments
         )
     except ValueError as e:
         if "CMYK" in str(e) or "YCCK" in str(e):
@@ -189,9 +192,51 @@ def decode_train(
     region = DECODERS.get(decoder or CROP_DECODER)(
         data, crop.top, crop.left, crop.height, crop.width, s, height, width, fast
     )
+    _resize_and_flip(region, crop.flip, out)
+
+
+def _resize_and_flip(region: np.ndarray, flip: bool, out: np.ndarray) -> None:
     _resize_into(region, out)
-    if crop.flip:
+    if flip:
         cv2.flip(out, 1, dst=out)
+
+
+# --- crop-segment transport: the server cuts, the client decodes ----------------------------
+
+
+def cut_train_crop(data: bytes, crop: Crop, out_size: int, fast: bool) -> tuple[bytes, Crop]:
+    """JPEG bytes + its train crop → (the small JPEG of the restart segments that cover the
+    crop, the crop moved into it): exactly what ``decode_train`` would decode. No decoding
+    happens here, only a walk over markers. A JPEG without the segmented layout (or a crop
+    that needs every segment) comes back whole, with its crop unchanged."""
+    s = dct_scale(crop.height, crop.width, out_size, out_size)
+    cut = None
+    if _jpegcrop is not None:
+        cut = _jpegcrop.cut_segments(
+            data, crop.left, crop.top, crop.width, crop.height, s, fast=fast
+        )
+    if cut is None:
+        return data, crop
+    sub, left, top = cut
+    return sub, crop._replace(top=top, left=left)
+
+
+def decode_train_cut(
+    data: bytes, crop: Crop, height: int, width: int, out: np.ndarray, fast: bool
+) -> None:
+    """The client's half of ``cut_train_crop``: the cut JPEG and its moved crop → the pixels
+    ``decode_train`` gives on the whole file, bit for bit (both decode the same bytes with
+    the same libjpeg calls). ``height``/``width`` are the cut JPEG's size."""
+    if _jpegcrop is None:
+        raise RuntimeError(
+            "decoding crop segments needs the datasvc._jpegcrop extension (the server's "
+            "decoder), or the pixels would differ from server decoding"
+        )
+    s = dct_scale(crop.height, crop.width, out.shape[0], out.shape[1])
+    region = decode_region_turbo(
+        data, crop.top, crop.left, crop.height, crop.width, s, height, width, fast, segments=False
+    )
+    _resize_and_flip(region, crop.flip, out)
 
 
 def decode_eval(

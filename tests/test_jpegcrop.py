@@ -706,6 +706,41 @@ def test_segmented_crop_is_exact_region_of_full_decode(segmented, name, s):
             )
 
 
+@pytest.mark.parametrize("s", SCALES)
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_cut_segments_is_what_decode_crop_decodes(segmented, name, s):
+    """The cut JPEG is valid on its own, smaller than the file, and decoding the box inside it
+    gives decode_crop's bytes on the whole file."""
+    data = segmented[name]
+    W, H, _, _ = jc.info(data)
+    cuts = 0
+    for fast in (False, True):
+        for x, y, w, h in random_boxes(W, H, NSEG, seed=zlib.crc32(f"cut/{name}/{s}".encode())):
+            cut = jc.cut_segments(data, x, y, w, h, s, fast=fast)
+            want = decode(data, x, y, w, h, s, fast=fast)
+            if cut is None:  # the box needs every segment: the whole file is the answer
+                continue
+            sub, sx, sy = cut
+            cuts += 1
+            sw, sh, _, _ = jc.info(sub)
+            assert len(sub) < len(data) and 0 <= sx <= sw - w and 0 <= sy <= sh - h
+            got = decode(sub, sx, sy, w, h, s, fast=fast, segments=False)
+            np.testing.assert_array_equal(got, want, err_msg=str((x, y, w, h, fast)))
+    layout = jc.layout(data)
+    if layout is not None and layout["mcu_rows"] >= 4:
+        assert cuts > 0, "random boxes of a many-segment file leave some segments out"
+
+
+def test_cut_segments_of_plain_jpegs_and_bad_boxes(images, segmented):
+    name = IMAGE_NAMES[0]
+    W, H, _, _ = jc.info(images[name])
+    assert jc.cut_segments(images[name], 0, 0, 8, 8) is None  # no restart segments
+    assert jc.cut_segments(segmented[name], 0, 0, W, H) is None  # every segment
+    assert jc.cut_segments(segmented[name], W - 4, 0, 8, 8) is None  # not inside
+    with pytest.raises(ValueError, match="scale_denom"):
+        jc.cut_segments(segmented[name], 0, 0, 8, 8, 3)
+
+
 def test_segment_interval_matches_transcode():
     # the largest divisor of the MCUs per row that is at most an eighth of it, rounded up
     assert [jc.restart_interval(n) for n in (1, 2, 8, 9, 20, 29, 31, 32, 40, 80)] == [
