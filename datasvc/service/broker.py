@@ -92,6 +92,8 @@ class Stats:
     errors: int = 0
     busy_s: float = 0.0
     clients: ClientTable = field(default_factory=ClientTable)
+    # builder index → epoch listings its process has computed (from its latest reply)
+    listings: dict = field(default_factory=dict)
 
     def as_dict(self, builders: int) -> dict:
         up = max(1e-9, time.time() - self.started)
@@ -106,6 +108,7 @@ class Stats:
             "worker_busy": round(self.busy_s / (up * builders), 3),
             "clients": self.clients.as_dict(),
             "clients_forgotten": self.clients.forgotten,
+            "listings_by_builder": {str(k): v for k, v in sorted(self.listings.items())},
         }
 
 
@@ -372,6 +375,8 @@ class Broker:
             self.ring.give_back(task.builder, task.slot)  # an error or oversized batch
             out = [head, *buffers]
         cs = self.stats.clients[task.client]
+        if "listings" in header:
+            self.stats.listings[task.builder] = header["listings"]
         if header.get("ok"):
             size = sum(len(f) if isinstance(f, bytes) else len(f.buffer) for f in out)
             self.stats.batches += 1

@@ -27,7 +27,6 @@ builder → broker               meaning
 
 from __future__ import annotations
 
-import collections
 import logging
 import multiprocessing as mp
 import signal
@@ -56,32 +55,35 @@ def builder_index(identity: bytes) -> int:
 
 
 class Listings:
-    """Epoch listings by request key; a small LRU, since a permutation costs O(samples)."""
+    """Request → its rank's ``EpochSampler`` over the process's shared epoch listings
+    (``datasvc.sampling.LISTINGS``): a sampler costs nothing to make, and the listing it
+    slices is computed once per (split size, seed, epoch, shuffle) whatever the number of
+    ranks, world sizes or batch sizes asking."""
 
-    def __init__(self, size: int = 16):
-        self.size = size
-        self._d: collections.OrderedDict = collections.OrderedDict()
+    def __init__(self, cache=None):
+        from datasvc.sampling import LISTINGS
+
+        self.cache = LISTINGS if cache is None else cache
+
+    @property
+    def computed(self) -> int:
+        """Listings this process has computed (reported in every reply as ``listings``)."""
+        return self.cache.computed
 
     def get(self, req: BatchRequest, n: int):
         from datasvc.sampling import EpochSampler
 
-        key = req.key()
-        s = self._d.get(key)
-        if s is None:
-            s = EpochSampler(
-                n,
-                req.batch_size,
-                rank=req.rank,
-                world_size=req.world_size,
-                seed=req.seed,
-                shuffle=req.train,
-                drop_last=req.train,
-            )
-            s.set_epoch(req.epoch)
-            self._d[key] = s
-            if len(self._d) > self.size:
-                self._d.popitem(last=False)
-        self._d.move_to_end(key)
+        s = EpochSampler(
+            n,
+            req.batch_size,
+            rank=req.rank,
+            world_size=req.world_size,
+            seed=req.seed,
+            shuffle=req.train,
+            drop_last=req.train,
+            listings=self.cache,
+        )
+        s.set_epoch(req.epoch)
         return s
 
 
@@ -157,6 +159,7 @@ def build_reply(opened: dict, listings: Listings, frame: bytes, ring, slot) -> l
     except Exception as e:  # noqa: BLE001 - reported to the client, the builder lives on
         return [error_header(rid, "build", f"{type(e).__name__}: {e}")]
     reply[0]["busy_s"] = time.perf_counter() - t0
+    reply[0]["listings"] = listings.computed
     return [pack_header(reply[0]), *reply[1:]]
 
 

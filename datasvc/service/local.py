@@ -99,14 +99,18 @@ class LocalServer:
         if self.log and self.log.exists():
             self.log.unlink()
 
-    def stats(self) -> dict:
+    def raw_stats(self) -> dict:
+        """The server's ``stats`` reply, as it sends it."""
         from datasvc.service.client import BatchClient
 
         c = BatchClient(self.endpoint, dead_after=10)
         try:
-            st = c.call("stats")["stats"]
+            return c.call("stats")["stats"]
         finally:
             c.close()
+
+    def stats(self) -> dict:
+        st = self.raw_stats()
         return {
             "server_images_per_s": st["images_per_s"],
             "bytes_per_image": st["bytes_per_image"],
