@@ -51,14 +51,9 @@ def _cmd_convert(a) -> int:
 
 
 def _cmd_verify(a) -> int:
-    from datasvc.packs import PackError
     from datasvc.packs.verify import verify_pack
 
-    try:
-        r = verify_pack(a.pack, decode=a.decode, progress=not a.quiet)
-    except PackError as e:
-        print(f"datasvc verify: {e}", file=sys.stderr)
-        return 2
+    r = verify_pack(a.pack, decode=a.decode, progress=not a.quiet)
     for p in r.problems:
         print(f"DAMAGED {p}", file=sys.stderr)
     status = "OK" if r.ok else f"FAILED ({len(r.problems)} problems)"
@@ -104,12 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("sample", help="write the built-in ImageNet-like sample tree")
-    s.add_argument("out")
-    s.add_argument("--classes", type=int, default=10)
-    s.add_argument("--per-class", type=int, default=32)
-    s.add_argument("--val-per-class", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser(
+        "sample",
+        help="write the built-in ImageNet-like sample tree",
+        description="Write OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG: crops of the "
+        "photos scikit-image ships, tinted per class, at ImageNet-like sizes and JPEG "
+        "qualities, with ImageNet's oddities (a CMYK JPEG, a PNG named .JPEG, grayscale and "
+        "progressive files). The same options always write the same bytes.",
+    )
+    s.add_argument("out", help="a new or empty folder")
+    s.add_argument("--classes", type=int, default=10, help="class folders, 1..10000 (default 10)")
+    s.add_argument("--per-class", type=int, default=32, help="train images per class (default 32)")
+    s.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="val images per class (default: a quarter of --per-class, at least 2)",
+    )
+    s.add_argument(
+        "--seed", type=int, default=0, help="another seed writes other crops and tints (default 0)"
+    )
     s.set_defaults(fn=_cmd_sample)
 
     c = sub.add_parser("convert", help="convert an ImageFolder tree into an LMDB or TFRecord pack")

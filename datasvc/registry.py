@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from datasvc.errors import UsageError
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A name that is not registered; the message lists the valid ones (a KeyError too)."""
+
 
 class Registry:
     """Maps names to factories; an unknown name lists the valid ones, a duplicate raises."""
@@ -34,7 +40,7 @@ class Registry:
             return self._entries[name]
         except KeyError:
             valid = ", ".join(sorted(self._entries)) or "(none)"
-            raise KeyError(f"unknown {self.family} {name!r}; valid: {valid}") from None
+            raise UnknownNameError(f"unknown {self.family} {name!r}; valid: {valid}") from None
 
     def create(self, name: str, *args, **kwargs):
         return self.get(name)(*args, **kwargs)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datasvc.errors import UsageError
+
 # Photos that ship inside scikit-image (no download); grayscale ones are expanded to RGB.
 _PHOTOS = [
     "astronaut.png",
@@ -64,6 +66,25 @@ def _load_photos() -> list[np.ndarray]:
     return photos
 
 
+MAX_CLASSES = 10_000  # val file names hold the class number in four digits
+
+
+def check_sample_request(out: Path, classes: int, per_class: int, val_per_class: int) -> None:
+    """Refuse counts that make an empty or misnamed tree, and an output that holds files
+    already (a second sample written over a first would mix the two)."""
+    if not 1 <= classes <= MAX_CLASSES:
+        raise UsageError(f"--classes must be in 1..{MAX_CLASSES}, got {classes}")
+    if per_class < 1 or val_per_class < 1:
+        raise UsageError(
+            f"--per-class and --val-per-class must be at least 1, got {per_class} and "
+            f"{val_per_class}"
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file", "give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"{out} already holds files", "give a new or empty folder")
+
+
 def _wnid(k: int) -> str:
     return f"n{1440764 + 7919 * k:08d}"
 
@@ -100,6 +121,7 @@ def write_sample(
     """
     out = Path(out)
     val_per_class = max(2, per_class // 4) if val_per_class is None else val_per_class
+    check_sample_request(out, classes, per_class, val_per_class)
     photos = _load_photos()
     rng = np.random.default_rng(seed)
     counts = {"train": 0, "val": 0, "grayscale": 0, "progressive": 0, "cmyk": 0, "png": 0}

@@ -8,6 +8,7 @@ case's time bound.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -159,3 +160,169 @@ def test_inspect_missing_path(tmp_path):
     r = datasvc("inspect", tmp_path / "nothing")
     assert_one_line_error(r, "datasvc inspect", "nothing")
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.fixture
+def sample_tree(tmp_path) -> Path:
+    """A small ImageFolder source tree (not a pack)."""
+    from datasvc.sample import write_sample
+
+    write_sample(tmp_path / "src", classes=2, per_class=3, val_per_class=1)
+    return tmp_path / "src"
+
+
+def _not_a_pack_inputs(tmp_path: Path, sample_tree: Path, pack_copy: Path) -> dict:
+    (tmp_path / "notes.txt").write_text("not a pack\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unfinished" / ".convert").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README").write_text("hello\n")
+    return {
+        "missing": (tmp_path / "nothing", "does not exist"),
+        "file": (tmp_path / "notes.txt", "is a file"),
+        "empty": (tmp_path / "empty", "empty folder"),
+        "unfinished": (tmp_path / "unfinished", "unfinished conversion"),
+        "source_tree": (sample_tree, "image folder tree"),
+        "manifest_itself": (pack_copy / "manifest.json", "give its folder"),
+        "other_folder": (tmp_path / "other", "no manifest.json"),
+    }
+
+
+NOT_A_PACK = ["missing", "file", "empty", "unfinished", "source_tree", "manifest_itself",
+              "other_folder"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+@pytest.mark.parametrize("kind", NOT_A_PACK)
+def test_not_a_pack(kind, command, tmp_path, sample_tree, pack_copy):
+    path, cause = _not_a_pack_inputs(tmp_path, sample_tree, pack_copy)[kind]
+    before = tree_state(tmp_path)
+    line = assert_one_line_error(datasvc(command, path), f"datasvc {command}", cause, path.name)
+    if kind != "unfinished":
+        assert "re-run" not in line  # only an unfinished conversion is finished by a re-run
+    assert tree_state(tmp_path) == before
+
+
+def _damage_manifest(pack: Path, how: str) -> None:
+    m = pack / "manifest.json"
+    text = m.read_text()
+    if how == "truncated":
+        m.write_text(text[: len(text) // 2])
+    elif how == "list":
+        m.write_text("[1, 2, 3]\n")
+    elif how == "binary":
+        m.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        d = json.loads(text)
+        if how == "no_num_records":
+            del d["splits"]["train"]["shards"][0]["num_records"]
+        elif how == "counts_disagree":
+            d["splits"]["train"]["num_samples"] += 5
+        elif how == "classes_not_list":
+            d["classes"] = "n01440764"
+        elif how == "version":
+            d["format_version"] = 99
+        elif how == "format":
+            d["format"] = "zip"
+        m.write_text(json.dumps(d))
+
+
+MANIFEST_DAMAGE = {
+    "truncated": "not valid JSON",
+    "list": "JSON object",
+    "binary": "not valid JSON",
+    "no_num_records": "num_records",
+    "counts_disagree": "do not add up",
+    "classes_not_list": "classes",
+    "version": "format_version 99",
+    "format": "'zip'",
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+@pytest.mark.parametrize("how", list(MANIFEST_DAMAGE))
+def test_damaged_manifest(how, command, pack_copy):
+    _damage_manifest(pack_copy, how)
+    before = tree_state(pack_copy)
+    r = datasvc(command, pack_copy, *(["-q"] if command == "verify" else []))
+    assert_one_line_error(r, f"datasvc {command}", "manifest", MANIFEST_DAMAGE[how])
+    assert tree_state(pack_copy) == before
+
+
+@pytest.fixture
+def tfrecord_copy(tfrecord_pack, tmp_path) -> Path:
+    dst = tmp_path / "tfr"
+    shutil.copytree(tfrecord_pack, dst)
+    return dst
+
+
+def test_verify_deleted_tfrecord_shard(tfrecord_copy):
+    shard = sorted((tfrecord_copy / "train").glob("*.tfrecord"))[0]
+    shard.unlink()
+    r = datasvc("verify", tfrecord_copy, "-q")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    damaged = [ln for ln in r.stderr.splitlines() if ln.startswith("DAMAGED")]
+    assert damaged == [f"DAMAGED train/{shard.name}: shard file is missing"], r.stderr
+    assert "FAILED (1 problems)" in r.stdout  # the other shards were still checked
+
+
+def test_inspect_deleted_tfrecord_shard(tfrecord_copy):
+    shard = sorted((tfrecord_copy / "train").glob("*.tfrecord"))[0]
+    shard.unlink()
+    assert_one_line_error(
+        datasvc("inspect", tfrecord_copy), "datasvc inspect", shard.name, "missing", "verify"
+    )
+
+
+# ---------------------------------------------------------------- sample, keys, convert, serve
+
+
+@pytest.mark.parametrize(
+    "args,cause",
+    [
+        (["--classes", "0"], "--classes must be in 1..10000"),
+        (["--classes", "-3"], "--classes must be in 1..10000"),
+        (["--per-class", "0"], "--per-class and --val-per-class must be at least 1"),
+        (["--val-per-class", "0"], "--per-class and --val-per-class must be at least 1"),
+    ],
+)
+def test_sample_empty_tree_is_refused(args, cause, tmp_path):
+    r = datasvc("sample", tmp_path / "s", *args)
+    assert_one_line_error(r, "datasvc sample", cause, code=2)
+    assert not (tmp_path / "s").exists()
+
+
+def test_sample_over_existing_files_is_refused(sample_tree):
+    before = tree_state(sample_tree)
+    r = datasvc("sample", sample_tree, "--classes", "5")
+    assert_one_line_error(r, "datasvc sample", "already holds files", code=2)
+    assert tree_state(sample_tree) == before  # the first sample is not mixed with a second
+
+
+def test_keys_never_overwrite_a_pair(tmp_path):
+    assert datasvc("keys", tmp_path / "k", "--name", "server").returncode == 0
+    before = tree_state(tmp_path / "k")
+    r = datasvc("keys", tmp_path / "k", "--name", "server")
+    assert_one_line_error(r, "datasvc keys", "server.key", "already exists")
+    assert tree_state(tmp_path / "k") == before  # the old secret still pairs with its public key
+
+
+def test_convert_missing_source(tmp_path):
+    r = datasvc("convert", tmp_path / "nosrc", tmp_path / "out", "-q")
+    assert r.returncode != 0
+    assert_one_line_error(r, "datasvc convert", "nosrc", code=r.returncode)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--quality", "150"), ("--workers", "0")])
+def test_convert_bad_option(flag, value, sample_tree, tmp_path):
+    r = datasvc("convert", sample_tree, tmp_path / "out", flag, value, "-q")
+    assert r.returncode != 0
+    assert_one_line_error(r, "datasvc convert", flag.lstrip("-"), code=r.returncode)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "serve"])
+def test_missing_pack_for_bench_and_serve(command, tmp_path):
+    r = datasvc(command, tmp_path / "nopack")
+    assert_one_line_error(r, f"datasvc {command}", "nopack", "does not exist")

@@ -27,6 +27,10 @@ class CorruptSampleError(PackError):
     """A record failed its checksum or could not be parsed; names the shard and record."""
 
 
+class UnknownSplitError(PackError, KeyError):
+    """A split the pack does not have; the message lists the ones it has (a KeyError too)."""
+
+
 @dataclass(frozen=True)
 class PackFormat:
     """A pack format: shard file suffix, a writer ``writer(path)`` and a reader ``reader(path)``.
@@ -105,6 +109,12 @@ class Pack:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        if self.manifest["format"] not in PACK_FORMATS:
+            raise PackError(
+                f"{self.path}: manifest names format {self.manifest['format']!r}, which this "
+                f"datasvc does not read (it reads {', '.join(PACK_FORMATS.names())})",
+                "upgrade datasvc or re-convert",
+            )
         self.format = PACK_FORMATS.get(self.manifest["format"])
         self.classes: list[str] = list(self.manifest["classes"])
         self._splits: dict[str, Split] = {}
@@ -115,7 +125,9 @@ class Pack:
 
     def split(self, name: str) -> Split:
         if name not in self.manifest["splits"]:
-            raise KeyError(f"pack {self.path} has no split {name!r}; splits: {self.splits}")
+            raise UnknownSplitError(
+                f"pack {self.path} has no split {name!r}; splits: {self.splits}"
+            )
         if name not in self._splits:
             info = self.manifest["splits"][name]
             paths = [self.path / name / s["file"] for s in info["shards"]]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import google_crc32c
 
-from datasvc.packs import CorruptSampleError, Pack, open_pack
+from datasvc.packs import CorruptSampleError, Pack, PackError, open_pack
 
 
 @dataclass
@@ -36,6 +36,10 @@ def verify_pack(path, decode: bool = False, progress: bool = False, max_problems
         split = pack.split(split_name)
         for si, shard_info in enumerate(info.get("shards", [])):
             where = f"{split_name}/{shard_info['file']}"
+            if not split.shard_paths[si].is_file():
+                report.problems.append(f"{where}: shard file is missing")
+                bar.update(shard_info["num_records"])
+                continue
             try:
                 reader = split.shard(si)
                 n = len(reader)
@@ -56,7 +60,7 @@ def verify_pack(path, decode: bool = False, progress: bool = False, max_problems
                         raise CorruptSampleError(
                             f"{where} record {i}: label {s.label} out of range"
                         )
-                except CorruptSampleError as e:
+                except (CorruptSampleError, OSError) as e:
                     report.problems.append(str(e))
                     if len(report.problems) >= max_problems:
                         return report
@@ -101,6 +105,7 @@ def describe_pack(pack: Pack) -> dict:
     for name in pack.splits:
         info = pack.manifest["splits"][name]
         split = pack.split(name)
+        _require_shard_files(pack, split)
         n = len(split)
         step = max(1, n // 2000)  # sample at most ~2000 records for the size distribution
         sizes, sides, shapes = [], [], Counter()
@@ -128,6 +133,16 @@ def describe_pack(pack: Pack) -> dict:
             "audit": info.get("audit", {}),
         }
     return out
+
+
+def _require_shard_files(pack: Pack, split) -> None:
+    """A missing shard file fails ``inspect`` with one line that says how to see all damage."""
+    for p in split.shard_paths:
+        if not p.is_file():
+            raise PackError(
+                f"{p}: shard file is missing",
+                f"the pack is damaged: `datasvc verify {pack.path}` lists every problem",
+            )
 
 
 def _quantiles(xs: list[int]) -> dict:

@@ -7,12 +7,21 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from datasvc.errors import UserError
+
 
 def write_keypair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """Create ``DIR/NAME.key`` (public) and ``DIR/NAME.key_secret`` (secret, mode 600)."""
     import zmq.auth
 
     d = Path(directory)
+    for existing in (d / f"{name}.key", d / f"{name}.key_secret"):
+        if existing.exists():
+            # Overwriting a pair would lock out every peer that trusts the old public key.
+            raise UserError(
+                f"{existing} already exists",
+                "choose another --name or folder, or delete the old pair to replace it",
+            )
     d.mkdir(parents=True, exist_ok=True)
     pub, sec = zmq.auth.create_certificates(str(d), name)
     os.chmod(sec, 0o600)
