@@ -428,6 +428,7 @@ def test_models_cli_json():
     assert all({"name", "params", "gflops"} <= set(r) and r["image_size"] == 224 for r in rows)
     assert by["resnet50"]["params"] == 25_557_032
     assert by["resnet50"]["gflops"] == pytest.approx(4.09, abs=0.05)
+    assert by["resnet50"]["gflops_seed002"] == pytest.approx(4.122, rel=0.001)
 
 
 def test_cli_rejects_bad_override():

@@ -58,17 +58,16 @@ def _cmd_eval(a) -> int:
 
 
 def model_rows(pattern: str | None = None, size: int = 224) -> list[dict]:
-    """Every registered model: name, parameter count and GFLOPs (multiply-accumulates, the seeds'
-    convention) of one ``size``×``size`` image."""
+    """Every registered model: name, parameter count, GFLOPs (multiply-accumulates) of one
+    ``size``×``size`` image, and seed 002's and seed 003's own GFLOPs counts at 224."""
     from trainer import models
 
-    names = models.list_models(pattern)
-    table = getattr(models, "model_table", None)
-    if table is None:
-        return [_profile(models, n, size) for n in names]
     rows = []
-    for r in table(names):
+    for r in models.model_table(models.list_models(pattern)):
         row = {"name": r["name"], "params": r["params"], "gflops": r["gflops"], "image_size": size}
+        # The seeds' own counts are always at 224, as their tables are.
+        row["gflops_seed002"] = r["gflops_seed002"]
+        row["gflops_seed003"] = r["gflops_seed003"]
         if r.get("image_size", size) != size:  # the table profiles at the model's native size
             row["gflops"] = _profile(models, r["name"], size)["gflops"]
         rows.append(row)
@@ -137,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_cmd_eval)
 
     m = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
-    m.add_argument("--json", action="store_true", help='print [{"name", "params", "gflops"}]')
+    m.add_argument(
+        "--json",
+        action="store_true",
+        help='print [{"name", "params", "gflops", "gflops_seed002", ...}]',
+    )
     m.add_argument("--pattern", help="shell-style filter, e.g. 'resnet*'")
     m.add_argument("--size", type=int, default=224, help="image side for GFLOPs (default 224)")
     m.set_defaults(fn=_cmd_models)

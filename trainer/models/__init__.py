@@ -16,14 +16,16 @@ from datasvc.registry import Registry
 MODELS = Registry("model")
 
 
-def register_model(name: str | None = None, *, image_size: int = 224):
+def register_model(name: str | None = None, *, image_size: int = 224, size_multiple: int = 1):
     """Decorator: register a factory ``(num_classes=1000, **kwargs) → nn.Module`` under ``name``.
 
-    ``image_size`` is the model's native input side, used when profiling FLOPs.
+    ``image_size`` is the model's native input side, used when profiling FLOPs;
+    ``size_multiple`` the number input sides must be a multiple of (1: any size).
     """
 
     def deco(fn):
         fn.image_size = image_size
+        fn.size_multiple = size_multiple
         return MODELS.register(name)(fn)
 
     return deco
@@ -52,18 +54,32 @@ def model_image_size(name: str) -> int:
     return getattr(MODELS.get(name), "image_size", 224)
 
 
+def model_size_multiple(name: str) -> int:
+    """What input sides of registered model ``name`` must be a multiple of (1: any)."""
+    return getattr(MODELS.get(name), "size_multiple", 1)
+
+
 # Registering the families needs the names above, hence the imports at the bottom.
 from trainer.models import (  # noqa: E402, F401
+    densenet,
     efficientnet,
     ghostnet,
+    lip,
     mobilenet,
+    octresnet,
     regnet,
     resnest,
     resnet,
     shufflenet,
 )
 from trainer.models.attention import ATTENTION  # noqa: E402
-from trainer.models.profile import count_params, gflops, model_table  # noqa: E402
+from trainer.models.profile import (  # noqa: E402
+    count_params,
+    gflops,
+    gflops_seed002,
+    gflops_seed003,
+    model_table,
+)
 
 __all__ = [
     "ATTENTION",
@@ -71,8 +87,11 @@ __all__ = [
     "count_params",
     "create_model",
     "gflops",
+    "gflops_seed002",
+    "gflops_seed003",
     "list_models",
     "model_image_size",
+    "model_size_multiple",
     "model_table",
     "register_model",
 ]

@@ -1,4 +1,5 @@
-"""Layers shared by the model families: weight-standardized conv, stochastic depth, norm choice."""
+"""Layers shared by the model families: weight-standardized conv, stochastic depth, norm and
+activation choice."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def norm_layer(kind: str) -> Callable[[int], nn.Module]:
     if kind == "gn":
         return lambda channels: nn.GroupNorm(32, channels)
     raise ValueError(f"unknown norm {kind!r}; valid: bn, gn")
+
+
+def activation_layer(kind: str) -> Callable[[], nn.Module]:
+    """Name → factory of an in-place activation module: "relu" or "relu6"."""
+    if kind == "relu":
+        return lambda: nn.ReLU(inplace=True)
+    if kind == "relu6":
+        return lambda: nn.ReLU6(inplace=True)
+    raise ValueError(f"unknown activation {kind!r}; valid: relu, relu6")
+
+
+def standardize_convs(model: nn.Module) -> nn.Module:
+    """Turn every ``nn.Conv2d`` of ``model`` into a ``WSConv2d`` in place, keeping its parameters
+    (PytorchInsight's WS models standardize every conv, depthwise ones included; linear layers
+    stay plain). Returns ``model``."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = WSConv2d  # same attributes and parameters, standardized forward
+    return model

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from trainer.models import register_model
+from trainer.models.layers import standardize_convs
 from trainer.models.library import timm_model
 
 # (output channels, stride) of the 13 depthwise-separable layers of MobileNetV1.
@@ -96,7 +97,13 @@ def mobilenet(
     return timm_model(arch, num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
 
 
+def ws_mobilenetv1(num_classes: int = 1000, **kwargs) -> nn.Module:
+    """MobileNetV1 with every conv weight-standardized (seed 002's e-shifted L2 table)."""
+    return standardize_convs(MobileNetV1(num_classes, **kwargs))
+
+
 register_model("mobilenetv1")(partial(MobileNetV1))
+register_model("ws_mobilenetv1")(ws_mobilenetv1)
 register_model("mobilenetv2")(partial(mobilenet, "mobilenetv2_100"))
 register_model("mobilenetv3_large")(partial(mobilenet, "mobilenetv3_large_100"))
 register_model("mobilenetv3_small")(partial(mobilenet, "mobilenetv3_small_100"))

@@ -17,7 +17,7 @@ from torch import nn
 
 from trainer.models import register_model
 from trainer.models.attention import ATTENTION, attention_placement
-from trainer.models.layers import DropPath, WSConv2d, norm_layer
+from trainer.models.layers import DropPath, WSConv2d, activation_layer, norm_layer
 
 LAYERS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -53,6 +53,7 @@ class BasicBlock(nn.Module):
         attn: str | None = None,
         attn_kwargs: dict | None = None,
         drop_path: float = 0.0,
+        act: Callable[[], nn.Module] = nn.ReLU,
     ):
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -64,7 +65,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = norm(planes)
         self.attn = _gate(attn, planes, attn_kwargs or {})
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = act()
         self.downsample = _projection(in_ch, planes, stride, conv, norm)
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
@@ -96,6 +97,7 @@ class Bottleneck(nn.Module):
         attn: str | None = None,
         attn_kwargs: dict | None = None,
         drop_path: float = 0.0,
+        act: Callable[[], nn.Module] = nn.ReLU,
     ):
         super().__init__()
         attn_kwargs = attn_kwargs or {}
@@ -108,11 +110,11 @@ class Bottleneck(nn.Module):
             self.bn2, self.act2 = nn.Identity(), nn.Identity()
         else:
             self.conv2 = conv(width, width, 3, stride, 1, groups=groups, bias=False)
-            self.bn2, self.act2 = norm(width), nn.ReLU(inplace=True)
+            self.bn2, self.act2 = norm(width), act()
         self.conv3 = conv(width, out_ch, 1, bias=False)
         self.bn3 = norm(out_ch)
         self.attn = _gate(attn, out_ch, attn_kwargs)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = act()
         self.downsample = _projection(in_ch, out_ch, stride, conv, norm)
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
@@ -145,6 +147,7 @@ class PreActBasicBlock(nn.Module):
         attn: str | None = None,
         attn_kwargs: dict | None = None,
         drop_path: float = 0.0,
+        act: Callable[[], nn.Module] = nn.ReLU,
     ):
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -154,7 +157,7 @@ class PreActBasicBlock(nn.Module):
         self.bn2 = norm(planes)
         self.conv2 = conv(planes, planes, 3, 1, 1, bias=False)
         self.attn = _gate(attn, planes, attn_kwargs or {})
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = act()
         self.downsample = _projection(in_ch, planes, stride, conv, None)
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
@@ -187,6 +190,7 @@ class PreActBottleneck(nn.Module):
         attn: str | None = None,
         attn_kwargs: dict | None = None,
         drop_path: float = 0.0,
+        act: Callable[[], nn.Module] = nn.ReLU,
     ):
         super().__init__()
         width = int(planes * base_width / 64) * groups
@@ -198,7 +202,7 @@ class PreActBottleneck(nn.Module):
         self.bn3 = norm(width)
         self.conv3 = conv(width, out_ch, 1, bias=False)
         self.attn = _gate(attn, out_ch, attn_kwargs or {})
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = act()
         self.downsample = _projection(in_ch, out_ch, stride, conv, None)
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
@@ -234,6 +238,7 @@ class ResNet(nn.Module):
         attn_kwargs: extra arguments for every attention module.
         ws: use weight-standardized convs everywhere (PytorchInsight's WS-ResNets).
         norm: "bn" or "gn".
+        act: "relu" or "relu6" (seed 003's ReLU6 ablation: every activation of the network).
         zero_init_residual: start each residual branch at zero (last BN gamma, or last conv in
             pre-activation blocks), so every block starts as the identity (Goyal et al.).
         drop_rate: dropout before the classifier.
@@ -252,6 +257,7 @@ class ResNet(nn.Module):
         attn_kwargs: dict | None = None,
         ws: bool = False,
         norm: str = "bn",
+        act: str = "relu",
         zero_init_residual: bool = False,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -263,11 +269,12 @@ class ResNet(nn.Module):
             raise ValueError(f"attention {attn!r} replaces a post-activation conv; not with preact")
         conv = WSConv2d if ws else nn.Conv2d
         make_norm = norm_layer(norm)
+        make_act = activation_layer(act)
         attn_kwargs = attn_kwargs or {}
 
         self.conv1 = conv(3, 64, 7, 2, 3, bias=False)
         self.bn1 = make_norm(64)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = make_act()
         self.maxpool = nn.MaxPool2d(3, 2, 1)
 
         total, index, in_ch = sum(layers), 0, 64
@@ -286,6 +293,7 @@ class ResNet(nn.Module):
                         attn=attn,
                         attn_kwargs=attn_kwargs,
                         drop_path=drop_path_rate * index / max(total - 1, 1),
+                        act=make_act,
                     )
                 )
                 in_ch = planes * block.expansion
@@ -296,7 +304,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{stage + 1}", layer)
 
         self.bn_last = make_norm(in_ch) if preact else nn.Identity()
-        self.act_last = nn.ReLU(inplace=True) if preact else nn.Identity()
+        self.act_last = make_act() if preact else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
@@ -335,7 +343,7 @@ def resnet(depth: int, num_classes: int = 1000, *, preact: bool = False, **kwarg
     """ResNet-``depth`` (18, 34, 50, 101, 152) with the variant given by keyword arguments.
 
     ``preact`` selects pre-activation (v2) blocks; every other keyword goes to ``ResNet``
-    (groups, width_per_group, attn, attn_kwargs, ws, norm, zero_init_residual, drop_rate,
+    (groups, width_per_group, attn, attn_kwargs, ws, norm, act, zero_init_residual, drop_rate,
     drop_path_rate).
     """
     try:
@@ -364,6 +372,12 @@ VARIANTS: dict[str, dict] = {
     },
     "ws_resnet50": {"depth": 50, "ws": True},
     "ws_resnet101": {"depth": 101, "ws": True},
+    # Seed 002's e-shifted L2 table: WS-ResNeXt50/101 are the 32x4d models (PytorchInsight's
+    # resnext defaults: cardinality 32, base width 4).
+    "ws_resnext50_32x4d": {"depth": 50, "groups": 32, "width_per_group": 4, "ws": True},
+    "ws_resnext101_32x4d": {"depth": 101, "groups": 32, "width_per_group": 4, "ws": True},
+    # Seed 003's ReLU6 ablation: its ResNet takes activation="relu6" for every activation.
+    "resnet50_relu6": {"depth": 50, "act": "relu6"},
 }
 
 for _name, _cfg in VARIANTS.items():
