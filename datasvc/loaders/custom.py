@@ -31,6 +31,7 @@ from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.memory import recycle_large_allocations
 from datasvc.packs import CorruptSampleError, open_pack
+from datasvc.packs.readahead import ADVISERS, DEFAULT_MAX_BYTES, read_ahead_for
 
 #: Where the custom loader's workers run: forked processes or threads of the consumer.
 Engine = Literal["process", "thread"]
@@ -97,7 +98,9 @@ class CustomLoader(Loader):
 
     Options: ``engine`` ('process' or 'thread'), ``prefetch_factor`` (batches in flight per
     worker, default 2, as in torch's DataLoader), ``decoder`` (a ``DECODERS`` name),
-    ``pin_memory``, ``drop_last``, ``timeout`` (seconds without any batch before failing).
+    ``pin_memory``, ``drop_last``, ``timeout`` (seconds without any batch before failing),
+    ``read_ahead`` (a ``datasvc.packs.readahead`` method, default 'fadvise', or None) and
+    ``read_ahead_mb`` (its window, default 64).
     Deprecated: ``workers`` (now ``num_workers``) and ``prefetch`` (batches in flight in all).
     """
 
@@ -114,12 +117,18 @@ class CustomLoader(Loader):
         pin_memory: bool = False,
         timeout: float = 120.0,
         engine: Engine = "process",
+        read_ahead: str | None = "fadvise",
+        read_ahead_mb: float = DEFAULT_MAX_BYTES >> 20,
         workers: int | None = None,
         prefetch: int | None = None,
         **common,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if read_ahead not in (None, "none") and read_ahead not in ADVISERS:
+            raise ValueError(
+                f"read_ahead must be None or one of {ADVISERS.names()}, got {read_ahead!r}"
+            )
         self.engine = engine
         recycle_large_allocations()
         self.pack = open_pack(source)
@@ -140,6 +149,9 @@ class CustomLoader(Loader):
         self.decoder = decoder
         self.pin_memory = pin_memory
         self.timeout = timeout
+        self.read_ahead = read_ahead
+        self.read_ahead_bytes = int(read_ahead_mb * 2**20)
+        self._spans: dict = {}  # shard → record spans, kept across epochs
         self._procs: list = []
         self._finalizer = None
         self._pool = None
@@ -209,13 +221,21 @@ class CustomLoader(Loader):
             self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="datasvc-custom")
         end, epoch = len(self.sampler), self.sampler.epoch
         futures = {}
+        ra = self._read_ahead(start, end)
         try:
             for want in range(start, end):
+                if ra is not None:
+                    ra.fill()
                 for b in range(want, min(end, want + self.slots)):
                     if b not in futures:
                         futures[b] = self._pool.submit(self._build, epoch, b)
-                yield futures.pop(want).result(timeout=self.timeout)
+                batch = futures.pop(want).result(timeout=self.timeout)
+                if ra is not None:
+                    ra.done(want)
+                yield batch
         finally:
+            if ra is not None:
+                ra.close()
             for f in futures.values():
                 f.cancel()
             for f in futures.values():
@@ -265,9 +285,12 @@ class CustomLoader(Loader):
         ids_of: dict[int, np.ndarray] = {}
         ready: dict[int, object] = {}
         next_b = start
+        ra = self._read_ahead(start, end)
         try:
             for want in range(start, end):
                 free += self._released()
+                if ra is not None:
+                    ra.fill()  # before the tasks go out: the kernel reads while workers wait
                 while free and next_b < end:
                     slot = free.pop()
                     ids = self.sampler.batch(next_b)
@@ -277,6 +300,8 @@ class CustomLoader(Loader):
                 while want not in ready:
                     b, err = self._get_result()
                     ready[b] = err
+                    if ra is not None:
+                        ra.done(b)
                 err = ready.pop(want)
                 slot = slot_of.pop(want)
                 ids = ids_of.pop(want)
@@ -294,12 +319,26 @@ class CustomLoader(Loader):
                     free.append(slot)
                     yield batch
         finally:
+            if ra is not None:
+                ra.close()
             # Wait for batches still being built so no slot is written after we reuse it.
             for _ in range(len(slot_of) - len(ready)):
                 try:
                     self._get_result()
                 except (RuntimeError, TimeoutError):
                     break
+
+    def _read_ahead(self, start: int, end: int):
+        """The read-ahead window over this epoch's listing (None when turned off)."""
+        return read_ahead_for(
+            self.split,
+            self.sampler,
+            start,
+            end,
+            self.read_ahead,
+            self.read_ahead_bytes,
+            spans=self._spans,
+        )
 
     def _released(self) -> list[int]:
         """Lent slots whose every view the consumer has dropped."""

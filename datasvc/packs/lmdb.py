@@ -4,11 +4,13 @@ msgpack maps carrying a CRC32C of the image bytes (LMDB itself checks nothing)."
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import google_crc32c
 import lmdb
 import msgpack
+import numpy as np
 
 from datasvc.packs import CorruptSampleError, PackFormat, Sample, register_pack_format
 
@@ -135,6 +137,17 @@ def _read_txn(path: Path) -> lmdb.Transaction:
     return txn
 
 
+def close_environments() -> None:
+    """Close this process's read-only environments, unmapping their shards (so that their
+    pages can leave the page cache); readers reopen on their next read. Close the readers
+    (``Split.close``) first: their transactions end here."""
+    for key, (pid, env, txn) in list(_ENVS.items()):
+        if pid == os.getpid():
+            txn.abort()
+            env.close()
+        del _ENVS[key]
+
+
 class LMDBShardReader:
     """Random-access reader of one LMDB shard; read-only, lock-free, opened lazily per process."""
 
@@ -175,6 +188,75 @@ class LMDBShardReader:
 
     def __getstate__(self):
         return {**self.__dict__, "_txn": None, "_pid": None}
+
+
+# --- where each value lies in the file, for read-ahead --------------------------------------
+# py-lmdb's cursors read every value they step over (a cold walk reads the whole file), so the
+# spans come from LMDB's own page layout instead (lmdb.h 0.9, little-endian): two meta pages,
+# then branch and leaf pages of the main tree; a value larger than a page sits on its own run
+# of overflow pages. Only the meta, branch and leaf pages are read.
+
+_PAGE_HEADER = 16  # pgno (8), pad (2), flags (2), lower/upper (2 + 2)
+_NODE_HEADER = 8  # lo, hi, flags, ksize: 2 bytes each
+_P_BRANCH, _P_LEAF = 0x01, 0x02
+_F_BIGDATA = 0x01
+_LMDB_MAGIC = 0xBEEFC0DE
+_P_INVALID = 0xFFFFFFFFFFFFFFFF
+
+
+def _main_root(fd: int) -> tuple[int, int]:
+    """(page size, root page of the main tree) from the newer of the two meta pages."""
+    head = os.pread(fd, 160, 0)
+    (psize,) = struct.unpack_from("<I", head, 40)  # the free DB's md_pad holds the page size
+    best = None
+    for page in (0, 1):
+        meta = os.pread(fd, 160, page * psize)
+        magic, _ = struct.unpack_from("<II", meta, _PAGE_HEADER)
+        if magic != _LMDB_MAGIC:
+            raise CorruptSampleError(f"meta page {page} is not an LMDB meta page")
+        (root,) = struct.unpack_from("<Q", meta, 128)
+        (txnid,) = struct.unpack_from("<Q", meta, 144)
+        if best is None or txnid > best[0]:
+            best = (txnid, root)
+    return psize, best[1]
+
+
+def _walk_values(fd: int, psize: int, pgno: int, out: dict) -> None:
+    page = os.pread(fd, psize, pgno * psize)
+    _, flags, lower = struct.unpack_from("<HHH", page, 8)
+    for k in range((lower - _PAGE_HEADER) // 2):
+        (at,) = struct.unpack_from("<H", page, _PAGE_HEADER + 2 * k)
+        lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, at)
+        if flags & _P_BRANCH:
+            _walk_values(fd, psize, lo | hi << 16 | nflags << 32, out)
+            continue
+        if not flags & _P_LEAF:
+            raise CorruptSampleError(f"page {pgno} is neither a branch nor a leaf")
+        key = int.from_bytes(page[at + _NODE_HEADER : at + _NODE_HEADER + ksize], "big")
+        data = at + _NODE_HEADER + ksize
+        if nflags & _F_BIGDATA:
+            (first,) = struct.unpack_from("<Q", page, data)
+            out[key] = (first * psize + _PAGE_HEADER, lo | hi << 16)
+        else:
+            out[key] = (pgno * psize + data, lo | hi << 16)
+
+
+def value_spans(path: str | os.PathLike) -> np.ndarray:
+    """(file offset, length) of every record's value, by record index, for read-ahead."""
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # tree pages only, no kernel read-ahead
+    try:
+        psize, root = _main_root(fd)
+        spans: dict[int, tuple[int, int]] = {}
+        if root != _P_INVALID:
+            _walk_values(fd, psize, root, spans)
+    except (struct.error, RecursionError) as e:
+        raise CorruptSampleError(f"{path}: unreadable LMDB tree ({e})") from e
+    finally:
+        os.close(fd)
+    if sorted(spans) != list(range(len(spans))):
+        raise CorruptSampleError(f"{path}: record keys are not 0..{len(spans) - 1}")
+    return np.asarray([spans[i] for i in range(len(spans))], np.int64).reshape(-1, 2)
 
 
 register_pack_format(PackFormat("lmdb", ".lmdb", LMDBShardWriter, LMDBShardReader))
