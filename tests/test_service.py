@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import threading
+import time
 
 import msgpack
 import pytest
@@ -297,3 +299,108 @@ def test_server_memory_flat_over_epochs(server):
                 pass
             sizes.append(tree_mb())
     assert max(sizes[1:]) - min(sizes[1:]) < 64, sizes
+
+
+# --- builder supervision -------------------------------------------------------------------
+
+
+def _stats(endpoint) -> dict:
+    c = BatchClient(endpoint, dead_after=10)
+    try:
+        return c.call("stats")["stats"]
+    finally:
+        c.close()
+
+
+def _wait_builders(endpoint, restarts: int, timeout: float = 5.0) -> dict:
+    """Stats once ``restarts`` builders have been replaced and every builder runs again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = _stats(endpoint)
+        if st["builder_restarts"] >= restarts and all(st["builder_pids"]):
+            return st
+        time.sleep(0.02)
+    raise AssertionError(f"builders not replaced within {timeout}s: {st}")
+
+
+def test_kill9_builders_three_times_during_an_epoch(clean_pack):
+    """Three builders killed with -9 while two ranks read an epoch: every id exactly once,
+    the pixels of an uninterrupted run, no request asked twice, the server still up."""
+    with LocalServer([clean_pack], workers=2) as s:
+        reference = [
+            run(remote(s.endpoint, rank=r, world_size=2, seed=3, batch_size=4)) for r in (0, 1)
+        ]
+        loaders = [
+            remote(s.endpoint, rank=r, world_size=2, seed=3, batch_size=4, request_timeout=20.0)
+            for r in (0, 1)
+        ]
+        iters = [iter(l) for l in loaders]
+        got: list[list] = [[], []]
+        kills = 0
+        for step in range(len(reference[0])):
+            for r in (0, 1):
+                got[r].append(next(iters[r]))
+            if step in (1, 3, 5):
+                victim = _stats(s.endpoint)["builder_pids"][kills % 2]
+                os.kill(victim, signal.SIGKILL)
+                kills += 1
+                _wait_builders(s.endpoint, kills)
+        for r in (0, 1):
+            assert next(iters[r], None) is None
+            loaders[r].close()
+        st = _stats(s.endpoint)
+        assert s.proc.poll() is None
+        log = s.log.read_text()
+    assert st["builder_restarts"] == 3 and len(st["builder_deaths"]) == 3
+    assert all("SIGKILL" in d["cause"] for d in st["builder_deaths"])
+    assert log.count("died, killed by SIGKILL") == 3
+    assert all(l.client.retries == 0 for l in loaders), "the server rebuilt, not the client"
+    ids = [i for r in (0, 1) for b in got[r] for i in b.ids.tolist()]
+    assert len(ids) == len(set(ids))
+    for r in (0, 1):
+        assert len(got[r]) == len(reference[r])
+        for a, b in zip(got[r], reference[r]):
+            assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+
+
+def _kill_while_building(endpoint, times: int) -> None:
+    """SIGKILL the builder holding the one request in flight, ``times`` times."""
+    for k in range(times):
+        deadline = time.monotonic() + 10
+        while True:
+            st = _stats(endpoint)
+            if st["builders_busy"] and st["builder_restarts"] == k and all(st["builder_pids"]):
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.005)
+        os.kill(st["builder_pids"][st["builders_busy"][0]], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("deaths", [2, 3])
+def test_request_rebuilt_after_builder_deaths_then_failed(clean_pack, deaths):
+    """A slow request (64 images at 1024 px) whose builder is killed while building it: after
+    two deaths another builder still delivers the same batch; the third fails it by name."""
+    req = BatchRequest("pack", "train", True, 1024, 1, 0, 0, 1, 64, 0)
+    expected = run(create_loader("custom", clean_pack, batch_size=64, image_size=1024, seed=1))
+    with LocalServer([clean_pack], workers=1) as s:
+        c = BatchClient(s.endpoint, request_timeout=60, dead_after=60)
+        killer = threading.Thread(target=_kill_while_building, args=(s.endpoint, deaths))
+        try:
+            killer.start()
+            if deaths < 3:
+                ((header, frames),) = list(c.fetch([req]))
+                images = torch.frombuffer(frames[1].buffer, dtype=torch.uint8)
+                assert torch.equal(
+                    images.view(expected[0].images.permute(0, 2, 3, 1).shape),
+                    expected[0].images.permute(0, 2, 3, 1),
+                )
+            else:
+                with pytest.raises(
+                    RemoteError, match=r"crash: 3 builders died building batch 0 of pack/train"
+                ):
+                    list(c.fetch([req]))
+        finally:
+            killer.join()
+            c.close()
+        assert s.proc.poll() is None
+        assert _wait_builders(s.endpoint, deaths)["builder_restarts"] == deaths

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -28,7 +27,8 @@ from datasvc.service.builders import (
     READY,
     STOP,
     TASK,
-    BuilderPool,
+    ProcessBuilders,
+    ThreadBuilders,
     builder_identity,
     builder_index,
 )
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 SLOTS_PER_BUILDER = 2  # one batch being sent while the next is built
 MAX_CLIENTS = 1024  # per-client counters kept; the quietest client is forgotten beyond this
+MAX_BUILD_DEATHS = 3  # builders that died holding one request: then it fails (no crash loop)
+RECENT_DEATHS = 10  # builder deaths listed in stats
 
 
 @dataclass
@@ -94,6 +96,10 @@ class Stats:
     clients: ClientTable = field(default_factory=ClientTable)
     # builder index → epoch listings its process has computed (from its latest reply)
     listings: dict = field(default_factory=dict)
+    restarts: int = 0  # builders replaced after dying
+    deaths: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_DEATHS)
+    )
 
     def as_dict(self, builders: int) -> dict:
         up = max(1e-9, time.time() - self.started)
@@ -109,6 +115,8 @@ class Stats:
             "clients": self.clients.as_dict(),
             "clients_forgotten": self.clients.forgotten,
             "listings_by_builder": {str(k): v for k, v in sorted(self.listings.items())},
+            "builder_restarts": self.restarts,
+            "builder_deaths": list(self.deaths),
         }
 
 
@@ -122,6 +130,7 @@ class Task:
     frame: object  # the request frame as received (zmq.Frame)
     builder: int | None = None
     slot: int | None = None
+    deaths: int = 0  # builders that died while building it
 
 
 @dataclass(frozen=True)
@@ -188,7 +197,7 @@ class Broker:
     def serve_forever(self) -> None:
         """Start the builders and sockets, serve until SIGTERM/SIGINT, then stop them all."""
         self._tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
-        self._ctx = self.front = self.back = self._auth = None
+        self._ctx = self.front = self.back = self._auth = self.pool = None
         self.ring = SlotRing(self.config.builders, SLOTS_PER_BUILDER, self.slot_bytes)
         try:
             self._start()
@@ -201,14 +210,12 @@ class Broker:
     def _start(self) -> None:
         import zmq
 
+        c = self.config
         inproc = self.engine == "thread"
         backend = "inproc://datasvc-builders" if inproc else f"ipc://{self._tmp}/builders"
-        self.pool = BuilderPool(
-            self.config.packs, self.config.builders, self.engine, self.ring, backend
-        )
         if not inproc:
             # Forked before any ZeroMQ context exists: the builders share the slot mapping.
-            self.pool.start(parent=os.getpid())
+            self.pool = ProcessBuilders(c.packs, c.builders, self.ring, backend)
         self._ctx = zmq.Context(1)
         self.back = self._ctx.socket(zmq.ROUTER)
         self.back.linger = 0
@@ -216,15 +223,15 @@ class Broker:
         self.back.router_mandatory = 1  # a send to a builder not (or no longer) there raises
         self.back.bind(backend)
         if inproc:
-            self.pool.start(ctx=self._ctx)
+            self.pool = ThreadBuilders(c.packs, c.builders, self.ring, backend, self._ctx)
         self.front = self._front_socket()
-        self.front.bind(self.config.bind)
+        self.front.bind(c.bind)
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info(
             "%s packs %s workers %d%s",
             self.endpoint,
             json.dumps(self.sizes),
-            self.config.builders,
+            c.builders,
             " curve" if self._auth else "",
         )
 
@@ -250,38 +257,40 @@ class Broker:
         return front
 
     def _close(self) -> None:
-        if self.back is not None:
-            self._stop_builders()
-        elif hasattr(self, "pool"):
-            self.pool.join(time.monotonic())
+        started = self.endpoint is not None
+        if self.pool is not None:
+            self._stop_builders(grace=3.0 if started else 0.0)
         if self._auth:
             self._auth.stop()
         for s in (self.front, self.back):
             if s is not None:
                 s.close(0)
-        if self._ctx is not None and not self.pool.any_alive():
+        if self._ctx is not None and not (self.pool and self.pool.any_alive()):
             self._ctx.term()  # a thread builder still holding a socket would block term()
         self.ring.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def _stop_builders(self, grace: float = 3.0) -> None:
-        """Tell idle builders to stop, and busy ones as soon as they report back."""
+    def _stop_builders(self, grace: float) -> None:
+        """Tell builders to stop (busy ones once they report back), give them ``grace``
+        seconds, then end the pool."""
         import zmq
 
-        stopped = set()
+        stopped: set[int] = set()
         deadline = time.monotonic() + grace
-        while len(stopped) < self.config.builders and time.monotonic() < deadline:
+        while self.back is not None and time.monotonic() < deadline:
             for i in range(self.config.builders):
                 if i not in stopped and i not in self._holding:
                     try:
                         self.back.send_multipart([builder_identity(i), STOP])
                         stopped.add(i)
                     except zmq.ZMQError:
-                        pass
-            if self.back.poll(100):
+                        pass  # not connected (yet, or any more)
+            if len(stopped) == self.config.builders:
+                break
+            if self.back.poll(50):
                 frames = self.back.recv_multipart()
                 self._holding.pop(builder_index(frames[0]), None)
-        self.pool.join(deadline)
+        self.pool.stop(max(0.0, deadline - time.monotonic()))
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -291,9 +300,13 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        if self.pool.supervised:
+            poller.register(self.pool.fileno(), zmq.POLLIN)
         last_log, last_images = time.time(), 0
         while not self._stop:
             events = dict(poller.poll(500))
+            if self.pool.supervised and self.pool.fileno() in events:
+                self._on_pool_events(self.pool.events())
             if self.back in events:
                 self._on_builder(self.back.recv_multipart(copy=False))
             if self.front in events:
@@ -301,9 +314,6 @@ class Broker:
             for i in self.ring.reclaim():
                 self._maybe_idle(i)
             self._dispatch()
-            dead = self.pool.dead()
-            if dead and not self._stop:
-                raise RuntimeError(f"builder {dead[0][0]} died ({dead[0][1]})")
             now = time.time()
             if self.config.log_interval and now - last_log >= self.config.log_interval:
                 self._log_stats((self.stats.images - last_images) / (now - last_log))
@@ -328,21 +338,72 @@ class Broker:
                 self._idle.append(builder)
 
     def _dispatch(self) -> None:
+        import zmq
+
         while self._idle and self._queue:
             task = self._queue.popleft()
             builder = self._idle.popleft()
-            task.builder, task.slot = builder, self.ring.take(builder)
+            slot = self.ring.take(builder)
+            number = b"%d" % task.number
+            try:
+                self.back.send_multipart(
+                    [builder_identity(builder), TASK, number, task.frame, b"%d" % slot],
+                    copy=False,
+                )
+            except zmq.ZMQError:
+                # Gone (its death is on its way from the spawner): the task waits for another.
+                self.ring.give_back(builder, slot)
+                self._queue.appendleft(task)
+                continue
+            task.builder, task.slot = builder, slot
             self._holding[builder] = task
-            self.back.send_multipart(
-                [
-                    builder_identity(builder),
-                    TASK,
-                    b"%d" % task.number,
-                    task.frame,
-                    b"%d" % task.slot,
-                ],
-                copy=False,
-            )
+
+    # --- supervision ------------------------------------------------------------------------
+
+    def _on_pool_events(self, events: list[tuple]) -> None:
+        for event in events:
+            if event[0] == "died" and not self._stop:
+                self._on_builder_died(*event[1:])
+
+    def _on_builder_died(self, builder: int, pid: int, cause: str) -> None:
+        """Replace the builder; its task goes back to the front of the queue, or fails once
+        ``MAX_BUILD_DEATHS`` builders have died on it."""
+        self.stats.restarts += 1
+        self.stats.deaths.append({"builder": builder, "pid": pid, "cause": cause, "t": time.time()})
+        if builder in self._idle:
+            self._idle.remove(builder)
+        task = self._holding.pop(builder, None)
+        what = "idle"
+        if task is not None:
+            self.ring.give_back(builder, task.slot)
+            task.deaths += 1
+            what = f"building {self._describe(task)} (death {task.deaths} on it)"
+            if task.deaths >= MAX_BUILD_DEATHS:
+                self._fail_task(task, cause)
+            else:
+                self._queue.appendleft(task)
+        log.warning("builder %d (pid %d) died, %s, %s; replacing it", builder, pid, cause, what)
+        self.pool.spawn(builder)
+
+    def _fail_task(self, task: Task, cause: str) -> None:
+        del self._tasks[task.number]
+        self.stats.errors += 1
+        self.stats.clients[task.client].errors += 1
+        message = (
+            f"{MAX_BUILD_DEATHS} builders died building {self._describe(task)} "
+            f"(last: {cause}); this request is not retried"
+        )
+        log.error(message)
+        self.front.send_multipart([task.client, error_header(task.request_id, "crash", message)])
+
+    @staticmethod
+    def _describe(task: Task) -> str:
+        """The batch a task asks for, in words (the request was validated, so it parses)."""
+        _, req = parse_request([task.frame.bytes])
+        return (
+            f"batch {req.batch} of {req.pack}/{req.split} (epoch {req.epoch}, rank {req.rank}"
+            f"/{req.world_size}, seed {req.seed}, batch size {req.batch_size})"
+        )
 
     # --- builders' messages -----------------------------------------------------------------
 
@@ -355,10 +416,12 @@ class Broker:
         if kind != DONE:
             log.error("builder %d sent an unknown frame %r", builder, kind[:16])
             return
-        task = self._tasks.pop(int(frames[2].bytes), None)
-        self._holding.pop(builder, None)
-        if task is not None:
-            self._deliver(task, frames[3], frames[4:])
+        task = self._holding.get(builder)
+        if task is None or task.number != int(frames[2].bytes):
+            return  # from a builder since replaced; its task went to another
+        del self._holding[builder]
+        del self._tasks[task.number]
+        self._deliver(task, frames[3], frames[4:])
         self._maybe_idle(builder)
 
     def _deliver(self, task: Task, head, buffers) -> None:
@@ -426,6 +489,8 @@ class Broker:
         if header["op"] == "stats":
             body = self.stats.as_dict(self.config.builders)
             body["packs"] = self.sizes
+            body["builder_pids"] = [self.pool.pids.get(i) for i in range(self.config.builders)]
+            body["builders_busy"] = sorted(self._holding)
             return pack_header({"id": rid, "ok": True, "op": "stats", "stats": body})
         return pack_header(
             {

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -205,55 +206,179 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
             ctx.term()
 
 
-# --- the pool ------------------------------------------------------------------------------
+# --- the pools ----------------------------------------------------------------------------
 
 
-class BuilderPool:
-    """``count`` builders of ``engine`` ('process' or 'thread') connected to ``endpoint``.
-    Process builders must be started before the broker makes its ZeroMQ context."""
+def death_cause(status: int) -> str:
+    """A ``waitpid`` status → words: the signal (SIGKILL is also how the OOM killer ends a
+    process) or the exit code."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        return f"killed by {name}" + (" (kill -9 or the OOM killer)" if sig == 9 else "")
+    return f"exit code {os.WEXITSTATUS(status)}"
 
-    def __init__(self, packs: dict[str, str], count: int, engine: str, ring, endpoint: str):
-        self.packs = packs
+
+def _fork_builder(index: int, packs, endpoint: str, ring, conn) -> int:
+    """Fork one builder from the spawner; → its pid. The child never returns."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        conn.close()
+        builder_main(index, packs, endpoint, ring, None, os.getppid())
+    except BaseException:  # noqa: BLE001 - a builder's end is reported by its exit code
+        log.exception("builder %d failed", index)
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def spawner_main(conn, broker_end, packs: dict, endpoint: str, ring, parent: int) -> None:
+    """The spawner: forked before the broker's ZeroMQ context, it forks builders on request
+    (so replacements are forked before any context too) and reports each one's death.
+
+    Messages on ``conn``: from the broker ``("spawn", index)``, ``("stop", grace_s)``; to it
+    ``("started", index, pid)``, ``("died", index, pid, cause)``."""
+    from datasvc.lifecycle import die_with_parent
+
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    broker_end.close()  # so that the broker's end closing reads as EOF here
+    children: dict[int, int] = {}  # pid → index
+    grace = 0.0
+    try:
+        while True:
+            if conn.poll(0.02):
+                try:
+                    cmd = conn.recv()
+                except EOFError:
+                    break  # the broker is gone
+                if cmd[0] == "stop":
+                    grace = cmd[1]
+                    break
+                pid = _fork_builder(cmd[1], packs, endpoint, ring, conn)
+                children[pid] = cmd[1]
+                conn.send(("started", cmd[1], pid))
+            _reap(children, conn)
+    finally:
+        _end_children(children, grace)
+
+
+def _reap(children: dict, conn) -> None:
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if not pid:
+            return
+        index = children.pop(pid, None)
+        if index is not None:
+            conn.send(("died", index, pid, death_cause(status)))
+
+
+def _end_children(children: dict, grace: float) -> None:
+    """Wait up to ``grace`` seconds for builders told to stop, then SIGKILL the rest."""
+    deadline = time.monotonic() + grace
+    while children and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            children.pop(pid, None)
+        else:
+            time.sleep(0.01)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+class ProcessBuilders:
+    """Builder processes, forked by a spawner process that is itself forked before the broker
+    makes its ZeroMQ context. The broker polls ``fileno()`` and reads ``events()``."""
+
+    supervised = True
+
+    def __init__(self, packs: dict[str, str], count: int, ring, endpoint: str):
         self.count = count
-        self.engine = engine
-        self.ring = ring
-        self.endpoint = endpoint
-        self._members: list = []
+        self.pids: dict[int, int] = {}
+        parent_end, child_end = mp.Pipe()
+        self._conn = parent_end
+        self._spawner = mp.get_context("fork").Process(
+            target=spawner_main,
+            args=(child_end, parent_end, packs, endpoint, ring, os.getpid()),
+            daemon=True,
+            name="datasvc-spawner",
+        )
+        self._spawner.start()
+        child_end.close()
+        for i in range(count):
+            self.spawn(i)
 
-    def start(self, ctx=None, parent: int | None = None) -> None:
-        for i in range(self.count):
-            if self.engine == "process":
-                m = mp.get_context("fork").Process(
-                    target=builder_main,
-                    args=(i, self.packs, self.endpoint, self.ring, None, parent),
-                    daemon=True,
-                    name=f"datasvc-builder-{i}",
-                )
-            else:
-                m = threading.Thread(
-                    target=builder_main,
-                    args=(i, self.packs, self.endpoint, self.ring, ctx),
-                    daemon=True,
-                    name=f"datasvc-builder-{i}",
-                )
-            m.start()
-            self._members.append(m)
+    def spawn(self, index: int) -> None:
+        self._conn.send(("spawn", index))
 
-    def dead(self) -> list[tuple[int, str]]:
-        """(index, cause) of builders that died."""
-        return [
-            (i, f"exit code {getattr(m, 'exitcode', None)}")
-            for i, m in enumerate(self._members)
-            if not m.is_alive()
-        ]
+    def fileno(self) -> int:
+        return self._conn.fileno()
+
+    def events(self) -> list[tuple]:
+        """``("started", index, pid)`` and ``("died", index, pid, cause)`` since last asked;
+        a spawner that died is reported as every builder dying with it."""
+        out = []
+        try:
+            while self._conn.poll(0):
+                out.append(self._conn.recv())
+        except (EOFError, OSError):
+            raise RuntimeError("the builder spawner died") from None
+        for e in out:
+            if e[0] == "started":
+                self.pids[e[1]] = e[2]
+            elif self.pids.get(e[1]) == e[2]:
+                del self.pids[e[1]]
+        return out
 
     def any_alive(self) -> bool:
-        return any(m.is_alive() for m in self._members)
+        return self._spawner.is_alive()
 
-    def join(self, deadline: float) -> None:
-        """Wait for the builders until ``deadline`` (monotonic); kill processes still there."""
-        for m in self._members:
-            m.join(timeout=max(0.1, deadline - time.monotonic()))
-            if m.is_alive() and hasattr(m, "kill"):
-                m.kill()
-                m.join(timeout=1.0)
+    def stop(self, grace: float) -> None:
+        """The spawner waits up to ``grace`` s for its builders (told STOP), then kills them."""
+        try:
+            self._conn.send(("stop", grace))
+        except OSError:
+            pass
+        self._spawner.join(grace + 2.0)
+        if self._spawner.is_alive():
+            self._spawner.kill()
+            self._spawner.join(1.0)
+        self._conn.close()
+
+
+class ThreadBuilders:
+    """Builder threads sharing the broker's context (a thread cannot die alone: a crash ends
+    the whole server, so there is nothing to supervise)."""
+
+    supervised = False
+
+    def __init__(self, packs: dict[str, str], count: int, ring, endpoint: str, ctx):
+        self.count = count
+        self.pids: dict[int, int] = {}
+        self._threads = [
+            threading.Thread(
+                target=builder_main,
+                args=(i, packs, endpoint, ring, ctx),
+                daemon=True,
+                name=f"datasvc-builder-{i}",
+            )
+            for i in range(count)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def any_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def stop(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        for t in self._threads:
+            t.join(timeout=max(0.05, deadline - time.monotonic()))
