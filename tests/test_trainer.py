@@ -128,8 +128,78 @@ def test_no_decay_groups():
     assert _names(m, groups["decay"]) == ["0.weight", "3.weight", "6.weight"]
     assert _names(m, groups["no_decay"]) == ["1.bias", "1.weight", "3.bias", "6.bias"]
     assert groups["decay"]["weight_decay"] == 1e-4 and groups["no_decay"]["weight_decay"] == 0
+    assert sorted(groups["decay"]["param_names"]) == ["0.weight", "3.weight", "6.weight"]
     every = param_groups(m, 1e-4, no_decay_bias_norm=False)
     assert len(every) == 1 and len(every[0]["params"]) == len(list(m.parameters()))
+    with pytest.raises(ValueError, match="unknown no-decay kind"):
+        param_groups(m, 1e-4, no_decay=["bn"])
+
+
+# Each seed recipe's weight-decay split on _small_net (dense conv 0, BN 1, depthwise conv 3 with
+# a bias, linear 6): (recipe, optim overrides, decayed names, e-shifted names).
+SEED_DECAY_RECIPES = [
+    # PytorchInsight's imagenet_fast.py default: only biases are exempt ("bias wd = 0").
+    ("002 default", {"no_decay": ["bias"]}, ["0.weight", "1.weight", "3.weight", "6.weight"], []),
+    # Seed 002's mobile recipe as its table states it: decay on conv weights only.
+    ("002 mobile", {"no_decay": ["bias", "norm", "linear"]}, ["0.weight", "3.weight"], []),
+    # ...and as imagenet_mobile.py's set_optimizer codes it: grouped convs, BN and biases exempt.
+    (
+        "002 mobile code",
+        {"no_decay": ["bias", "norm", "grouped_conv"]},
+        ["0.weight", "6.weight"],
+        [],
+    ),
+    # WS recipe --nowd-conv --el2: conv filters take the e-shifted L2 instead; BN and fc decay.
+    (
+        "002 WS e-shifted L2",
+        {"no_decay": ["bias", "conv", "grouped_conv"], "eshift_l2": 1e-4},
+        ["1.weight", "6.weight"],
+        ["0.weight"],
+    ),
+    # Seed 003's "no decay bias" (torch-toolbox no_decay_bias): conv and linear weights only.
+    (
+        "003 no decay bias",
+        {"no_decay": ["bias", "norm", "other"]},
+        ["0.weight", "3.weight", "6.weight"],
+        [],
+    ),
+    # PytorchInsight --wd-all and seed 003's default: everything decays.
+    (
+        "wd all",
+        {},
+        ["0.bias", "0.weight", "1.bias", "1.weight", "3.bias", "3.weight", "6.bias", "6.weight"],
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(("recipe", "over", "decayed", "shifted"), SEED_DECAY_RECIPES)
+def test_seed_weight_decay_recipes(recipe, over, decayed, shifted):
+    from trainer.recipe import build_optimizer
+
+    m = _small_net()
+    if recipe == "wd all":
+        m[0] = nn.Conv2d(3, 8, 3, bias=True)
+    opt = build_optimizer(m, OptimConfig(weight_decay=4e-5, **over), lr=0.1)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert sorted(groups["decay"]["param_names"]) == decayed, recipe
+    assert groups["decay"]["weight_decay"] == 4e-5
+    assert sorted(groups.get("eshift", {}).get("param_names", [])) == shifted
+    exempt = sorted(groups.get("no_decay", {}).get("param_names", []))
+    names = sorted(n for n, _ in m.named_parameters())
+    assert sorted(decayed + shifted + exempt) == names  # every parameter in exactly one group
+
+
+def test_srm_parameters_are_tagged_no_decay():
+    from trainer.models import create_model
+
+    model = create_model("srm_resnet50", num_classes=10)
+    groups = {g["name"]: g for g in param_groups(model, 1e-4, no_decay=["tagged"])}
+    exempt = groups["no_decay"]["param_names"]
+    assert exempt and all(".attn." in n for n in exempt)
+    assert {n.split(".attn.")[1] for n in exempt} == {"cfc", "bn.weight", "bn.bias"}
+    assert "layer1.0.attn.cfc" in exempt and "layer1.0.attn.bn.weight" in exempt
+    assert "layer1.0.bn3.weight" in groups["decay"]["param_names"]
 
 
 def test_eshift_group_takes_dense_conv_filters_only():
@@ -159,9 +229,37 @@ def test_gradient_centralization_conv_only():
     conv, fc = nn.Parameter(torch.randn(5, 3, 3, 3)), nn.Parameter(torch.randn(4, 5))
     conv.grad, fc.grad = torch.randn_like(conv), torch.randn_like(fc)
     fc_before = fc.grad.clone()
-    centralize_gradients_([conv, fc])
+    centralize_gradients_([{"params": [conv, fc]}])
     torch.testing.assert_close(conv.grad.mean(dim=(1, 2, 3)), torch.zeros(5), atol=1e-6, rtol=0)
     assert torch.equal(fc.grad, fc_before)
+
+
+def test_gradient_centralization_is_sgd_gc():
+    """SGD_GC (Yong et al.'s code, seed 003's trick): d = g + wd * w, then d minus its mean over
+    every dim but the first, for conv filters; one SGD step then moves w by -lr * d."""
+    from trainer.recipe import build_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = model(torch.randn(4, 2, 6, 6)).square().sum()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    lr, wd = 0.1, 0.05
+    opt = build_optimizer(
+        model, OptimConfig(weight_decay=wd, momentum=0.0, grad_centralization=True), lr
+    )
+    centralize_gradients_(opt.param_groups)
+    opt.step()
+    for name, p in model.named_parameters():
+        d = grads[name] + wd * w0[name]
+        if d.ndim == 4:
+            d = d - d.mean(dim=(1, 2, 3), keepdim=True)
+        torch.testing.assert_close(p.detach(), w0[name] - lr * d, rtol=1e-5, atol=1e-6)
+    # Centralizing g alone (then adding wd * w) would differ: the decay term is centralized too.
+    conv = "0.weight"
+    g_only = grads[conv] - grads[conv].mean(dim=(1, 2, 3), keepdim=True) + wd * w0[conv]
+    assert not torch.allclose(model[0].weight.detach(), w0[conv] - lr * g_only, atol=1e-6)
 
 
 def test_lookahead_interpolates_every_k_steps():
@@ -208,6 +306,31 @@ def test_label_smoothing_loss():
     torch.testing.assert_close(hard, manual)
     plain = classification_loss(logits, labels)
     torch.testing.assert_close(plain, nn.functional.cross_entropy(logits, labels))
+
+
+def test_label_smoothing_of_the_seeds():
+    """Both seeds' losses put 1 - eps on the label and eps / (K - 1) on each other class."""
+    torch.manual_seed(0)
+    k, eps = 5, 0.1
+    logits = torch.randn(3, k)
+    labels = torch.tensor([4, 0, 2])
+    soft = smooth_one_hot(labels, k, eps, mode="others")
+    assert soft[0].tolist() == pytest.approx([eps / (k - 1)] * 4 + [1 - eps])
+    logp = torch.log_softmax(logits, 1)
+    want = torch.stack(
+        [
+            -(1 - eps) * logp[i, y] - eps / (k - 1) * (logp[i].sum() - logp[i, y])
+            for i, y in enumerate(labels.tolist())
+        ]
+    ).mean()
+    got = classification_loss(logits, labels, smoothing=eps, mode="others")
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, classification_loss(logits, labels, smoothing=eps))
+    # PytorchInsight's SoftCrossEntropyLoss is KLDiv(batchmean): the same up to the targets'
+    # entropy, so the same gradient.
+    kl = nn.functional.kl_div(logp, soft, reduction="batchmean")
+    entropy = -(soft * soft.log()).sum(1).mean()
+    torch.testing.assert_close(kl, got - entropy)
 
 
 @pytest.mark.parametrize("kind", ["mixup", "cutmix", "both"])

@@ -113,6 +113,7 @@ class AugmentConfig:
     """
 
     label_smoothing: float = 0.0
+    label_smoothing_mode: str = "uniform"  # "others": eps/(K-1) off the label, as both seeds
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
@@ -121,6 +122,10 @@ class AugmentConfig:
 
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "augment.label_smoothing must be in [0, 1)")
+        _check(
+            self.label_smoothing_mode in ("uniform", "others"),
+            f"augment.label_smoothing_mode: uniform or others, not {self.label_smoothing_mode!r}",
+        )
         _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup/cutmix alpha must be >= 0")
         _check(
             0 <= self.mix_prob <= 1 and 0 <= self.switch_prob <= 1,
@@ -133,6 +138,18 @@ class AugmentConfig:
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
 
 
+# Kinds of parameters a recipe can exempt from weight decay (``optim.no_decay``):
+#   bias          every parameter named "...bias" (PytorchInsight's default exemption)
+#   norm          the other parameters of norm layers (BN/GN/LN/IN gammas)
+#   conv          weights of dense convs (groups == 1)
+#   grouped_conv  weights of grouped and depthwise convs (groups > 1)
+#   linear        weights of linear layers
+#   tagged        parameters of modules that set ``no_weight_decay = True`` (SRM), or named by
+#                 the model's ``no_weight_decay()`` (timm's convention)
+#   other         anything else (free parameters such as SGE's gate weights)
+DECAY_KINDS = ("bias", "norm", "conv", "grouped_conv", "linear", "tagged", "other")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """SGD, its learning-rate schedule and the weight-space tricks of the seed recipes.
@@ -141,7 +158,9 @@ class OptimConfig:
     seeds' "batch / 128 * reference"; 0 disables scaling). ``schedule``: "cosine" (half period,
     over the epochs after warm-up), "step" (times ``gamma`` at each epoch in ``milestones``) or
     "constant"; warm-up rises linearly from ``warmup_start * lr`` over ``warmup_epochs``.
-    ``no_decay_bias_norm`` exempts biases and norm weights from decay. ``eshift_l2`` > 0 replaces
+    ``no_decay`` lists the parameter kinds exempt from weight decay (``recipe.DECAY_KINDS``:
+    bias, norm, conv, grouped_conv, linear, tagged, other); ``no_decay_bias_norm`` is shorthand
+    for [bias, norm]. ``eshift_l2`` > 0 replaces
     weight decay on conv filters by the e-shifted L2 regularizer of strength ``eshift_l2`` and
     shift ``eshift_eps`` (seed 002's WS-ResNets). ``lookahead_k`` > 0 wraps SGD in Lookahead;
     ``ema_decay`` > 0 keeps an exponential moving average of the weights.
@@ -154,6 +173,7 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     no_decay_bias_norm: bool = False
+    no_decay: tuple[str, ...] = ()
     schedule: str = "cosine"
     milestones: tuple[int, ...] = (30, 60, 90)
     gamma: float = 0.1
@@ -186,6 +206,8 @@ class OptimConfig:
         _check(0 <= self.ema_decay < 1, f"optim.ema_decay must be in [0, 1): {self.ema_decay}")
         _check(self.eshift_l2 >= 0 and self.eshift_eps >= 0, "e-shifted L2 settings must be >= 0")
         _check(self.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0")
+        bad = sorted(set(self.no_decay) - set(DECAY_KINDS))
+        _check(not bad, f"optim.no_decay: unknown kind(s) {bad}; valid: {list(DECAY_KINDS)}")
 
 
 @dataclass(frozen=True)

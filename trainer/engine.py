@@ -322,7 +322,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=tc.amp == "fp16")
         self.ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         groups = self.optimizer.param_groups
-        self.conv_params = [p for g in groups for p in g["params"] if p.ndim == 4]
         self.eshift_params = [p for g in groups if g.get("eshift") for p in g["params"]]
         self.all_params = [p for g in groups for p in g["params"]]
 
@@ -418,14 +417,16 @@ class Trainer:
         cfg = self.cfg
         with autocast(self.d.device, cfg.train.amp):
             logits = self.ddp(batch.images)
-            loss = classification_loss(logits, batch.labels, cfg.augment.label_smoothing)
+            loss = classification_loss(
+                logits, batch.labels, cfg.augment.label_smoothing, cfg.augment.label_smoothing_mode
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         o = cfg.optim
         if o.grad_centralization or o.eshift_l2 or o.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             if o.grad_centralization:
-                centralize_gradients_(self.conv_params)
+                centralize_gradients_(self.optimizer.param_groups)
             if o.eshift_l2:
                 eshifted_l2_(self.eshift_params, o.eshift_l2, o.eshift_eps)
             if o.clip_grad_norm:

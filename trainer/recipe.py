@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import AugmentConfig, OptimConfig
+from trainer.config import DECAY_KINDS, AugmentConfig, OptimConfig
 
 # --- learning rate -----------------------------------------------------------------------------
 
@@ -134,41 +134,96 @@ def is_eshift_param(p: torch.Tensor) -> bool:
     return p.ndim == 4 and p.shape[1] != 1
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, *, no_decay_bias_norm: bool = False, eshift: bool = False
-) -> list[dict]:
-    """Split parameters into SGD groups: decayed, not decayed, and e-shifted L2 filters.
+def _tagged_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters a module exempts itself: ``no_weight_decay = True`` on a module
+    (all its parameters), or names returned by the model's ``no_weight_decay()`` (timm)."""
+    ids = set()
+    if callable(getattr(model, "no_weight_decay", None)):
+        names = set(model.no_weight_decay())
+        ids |= {id(p) for n, p in model.named_parameters() if n in names}
+    for m in model.modules():
+        if getattr(m, "no_weight_decay", None) is True:
+            ids |= {id(p) for p in m.parameters()}
+    return ids
 
-    ``no_decay_bias_norm``: biases and the weights of norm layers get no weight decay.
-    ``eshift``: non-depthwise conv filters get no weight decay (the e-shifted L2 regularizes
-    them instead) and are marked ``eshift: True``. Empty groups are left out.
+
+def _module_kind(module: nn.Module, name: str) -> str:
+    if name.endswith("bias"):
+        return "bias"
+    if isinstance(module, _NORMS):
+        return "norm"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv" if module.groups == 1 else "grouped_conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "other"
+
+
+def parameter_kinds(model: nn.Module) -> dict[str, str]:
+    """Parameter name → its kind in ``DECAY_KINDS`` ("tagged" first, then by owning module)."""
+    tagged = _tagged_ids(model)
+    by_id = {}
+    for m in model.modules():
+        for n, p in m.named_parameters(recurse=False):
+            by_id.setdefault(id(p), "tagged" if id(p) in tagged else _module_kind(m, n))
+    return {name: by_id[id(p)] for name, p in model.named_parameters()}
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    no_decay: tuple[str, ...] | list[str] = (),
+    no_decay_bias_norm: bool = False,
+    eshift: bool = False,
+) -> list[dict]:
+    """Split parameters into SGD groups: "decay", "no_decay" and "eshift" (e-shifted L2 filters).
+
+    ``no_decay``: kinds (``config.DECAY_KINDS``) that get no weight decay; ``no_decay_bias_norm`` is
+    shorthand for adding "bias" and "norm". ``eshift``: non-depthwise conv filters get no
+    weight decay (the e-shifted L2 regularizes them instead) and are marked ``eshift: True``.
+    Each group lists its ``param_names``; empty groups are left out.
     """
-    norm_params = {
-        id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)
+    exempt = set(no_decay) | ({"bias", "norm"} if no_decay_bias_norm else set())
+    unknown = exempt - set(DECAY_KINDS)
+    if unknown:
+        raise ValueError(f"unknown no-decay kind(s) {sorted(unknown)}; valid: {DECAY_KINDS}")
+    kinds = parameter_kinds(model)
+    groups = {
+        "decay": {"params": [], "param_names": [], "weight_decay": weight_decay},
+        "no_decay": {"params": [], "param_names": [], "weight_decay": 0.0},
+        "eshift": {"params": [], "param_names": [], "weight_decay": 0.0, "eshift": True},
     }
-    decay, no_decay, shifted = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if eshift and is_eshift_param(p):
-            shifted.append(p)
-        elif no_decay_bias_norm and (name.endswith("bias") or id(p) in norm_params or p.ndim <= 1):
-            no_decay.append(p)
+            key = "eshift"
+        elif kinds[name] in exempt:
+            key = "no_decay"
         else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        {"params": shifted, "weight_decay": 0.0, "eshift": True, "name": "eshift"},
-    ]
-    return [g for g in groups if g["params"]]
+            key = "decay"
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return [{"name": k, **g} for k, g in groups.items() if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float):
-    """SGD (momentum, Nesterov option) over ``param_groups``; wrapped in Lookahead if asked."""
+    """SGD (momentum, Nesterov option) over ``param_groups``; wrapped in Lookahead if asked.
+
+    With gradient centralization the decay moves out of SGD into ``centralize_gradients_``
+    (each group's ``gc_weight_decay``), which centralizes ``g + wd * w`` as seed 003's SGD_GC.
+    """
     groups = param_groups(
-        model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm, eshift=cfg.eshift_l2 > 0
+        model,
+        cfg.weight_decay,
+        no_decay=cfg.no_decay,
+        no_decay_bias_norm=cfg.no_decay_bias_norm,
+        eshift=cfg.eshift_l2 > 0,
     )
+    if cfg.grad_centralization:
+        for g in groups:
+            g["gc_weight_decay"], g["weight_decay"] = g["weight_decay"], 0.0
     opt = torch.optim.SGD(
         groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
     )
@@ -178,12 +233,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float):
 
 
 @torch.no_grad()
-def centralize_gradients_(params) -> None:
-    """Gradient centralization (Yong et al. 2020), conv filters only as in seed 003's ablation:
-    subtract from each filter's gradient its mean over (in, kh, kw)."""
-    for p in params:
-        if p.grad is not None and p.ndim == 4:
-            p.grad.sub_(p.grad.mean(dim=(1, 2, 3), keepdim=True))
+def centralize_gradients_(param_groups) -> None:
+    """Gradient centralization (Yong et al. 2020) as their SGD_GC, conv filters only as in seed
+    003's ablation: ``g ← g + wd * w``, then each conv filter's ``g`` minus its mean over
+    (in, kh, kw). ``wd`` is the group's ``gc_weight_decay`` (``build_optimizer`` moves SGD's
+    own decay there, so it is added once)."""
+    for group in param_groups:
+        wd = group.get("gc_weight_decay", 0.0)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if wd:
+                p.grad.add_(p.detach(), alpha=wd)
+            if p.ndim == 4:
+                p.grad.sub_(p.grad.mean(dim=(1, 2, 3), keepdim=True))
 
 
 @torch.no_grad()
@@ -290,24 +353,38 @@ class ModelEMA:
 # --- loss and targets --------------------------------------------------------------------------
 
 
-def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """int64 (N,) → float (N, K): ``1 - smoothing`` on the label plus ``smoothing / K`` on all."""
-    off = smoothing / num_classes
+def smooth_one_hot(
+    labels: torch.Tensor, num_classes: int, smoothing: float = 0.0, mode: str = "uniform"
+) -> torch.Tensor:
+    """int64 (N,) → float (N, K) smoothed one-hot targets; each row sums to 1.
+
+    ``mode`` "uniform" (torch's ``label_smoothing``): ``1 - eps + eps/K`` on the label and
+    ``eps/K`` elsewhere. "others" (both seeds' losses, PytorchInsight's SoftCrossEntropyLoss and
+    torch-toolbox's LabelSmoothingLoss): ``1 - eps`` on the label and ``eps/(K-1)`` elsewhere.
+    """
+    if mode == "uniform":
+        off, on = smoothing / num_classes, 1.0 - smoothing + smoothing / num_classes
+    elif mode == "others":
+        off, on = smoothing / max(num_classes - 1, 1), 1.0 - smoothing
+    else:
+        raise ValueError(f"label smoothing mode: uniform or others, not {mode!r}")
     out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    return out.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
+    return out.scatter_(1, labels.view(-1, 1), on)
 
 
 def classification_loss(
-    logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
+    logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0, mode: str = "uniform"
 ) -> torch.Tensor:
-    """Mean cross-entropy against int labels (N,) with label smoothing, or soft targets (N, K).
-
-    Computed in float32 whatever the autocast dtype of ``logits``.
+    """Mean cross-entropy against int labels (N,) with label smoothing (see ``smooth_one_hot``
+    for ``mode``), or against soft targets (N, K). Computed in float32 whatever the autocast
+    dtype of ``logits``.
     """
     logits = logits.float()
-    if targets.dtype.is_floating_point:
-        return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+    if not targets.dtype.is_floating_point:
+        if mode == "uniform" or not smoothing:
+            return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        targets = smooth_one_hot(targets, logits.shape[1], smoothing, mode)
+    return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
 
 
 def batch_rng(seed: int, epoch: int, step: int, rank: int, stream: int = 0) -> np.random.Generator:
@@ -351,7 +428,7 @@ class BatchMixer:
             lam = cutmix_(images, perm, lam, rng)
         else:
             mixup_(images, perm, lam)
-        y = smooth_one_hot(labels, self.num_classes, cfg.label_smoothing)
+        y = smooth_one_hot(labels, self.num_classes, cfg.label_smoothing, cfg.label_smoothing_mode)
         return images, lam * y + (1.0 - lam) * y[perm]
 
 

@@ -228,6 +228,9 @@ class StyleRecalibration(nn.Module):
     """
 
     placement = "block"
+    # The SRM authors' training code exempts the module's own parameters (cfc and its BN) from
+    # weight decay; a recipe honours this with the "tagged" no-decay kind.
+    no_weight_decay = True
 
     def __init__(self, channels: int):
         super().__init__()
