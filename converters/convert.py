@@ -1,20 +1,20 @@
-"""Parallel, resumable, deterministic conversion of an ImageFolder tree into a pack.
+"""Parallel, resumable, deterministic conversion of a source (the extracted tree, the ILSVRC2012
+tarballs, parquet or webdataset shards) into a pack.
 
 Work is planned as shards: each shard is a fixed list of candidates, written by one worker to
 ``<shard>.partial`` and renamed when complete, then recorded in ``OUT/.convert/done/``. A
-re-run with the same plan keeps finished shards and redoes the rest. ``manifest.json`` is
-written last, atomically.
+re-run with the same plan keeps finished shards that still match their done records and redoes
+the rest. The plan is deterministic, so array jobs (``jobs``/``job_index``) each write their
+share and a last ``finalize`` writes ``manifest.json``, atomically, last.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-import multiprocessing as mp
 import os
-import signal
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,16 +23,20 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from converters.audit import AuditConfig, Rejected, audit_image
-from converters.source import Candidate, SplitListing, discover
+from converters.audit import AuditConfig
+from converters.engines import ENGINES, ProgressFeed, run_engine
+from converters.shards import STATE_DIR, ShardJob, check_done, done_path
+from converters.sources import SourceOptions, SplitListing, discover
 from datasvc import __version__
 from datasvc.decode import CROP_DECODER
 from datasvc.errors import UserError
-from datasvc.lifecycle import die_with_parent
-from datasvc.packs import PACK_FORMATS, Sample, shard_name
+from datasvc.packs import PACK_FORMATS
 from datasvc.packs.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
 
-STATE_DIR = ".convert"
+log = logging.getLogger(__name__)
+
+# What a plan does not depend on: how and where the work runs, and what counts as failure.
+_RUN_OPTIONS = ("workers", "strict", "engine", "ray_address", "jobs", "job_index")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class ConvertConfig:
     strict: bool = False
     seed: int = 0  # train order is a seeded permutation; other splits keep sorted order
     jpeg_layout: str = "segmented"  # see datasvc.decode.JPEG_LAYOUTS
+    engine: str = "process"  # converters.engines.ENGINES
+    ray_address: str | None = None
+    jobs: int = 1  # array jobs: this one writes the shards whose number = job_index mod jobs
+    job_index: int = 0
 
     def __post_init__(self):
         PACK_FORMATS.get(self.format)  # unknown format: lists the valid ones
@@ -56,6 +64,10 @@ class ConvertConfig:
             raise ValueError("--shards must be at least 1")
         if self.shard_size < 1 or self.workers < 1:
             raise ValueError("--shard-size and --workers must be at least 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.jobs < 1 or not 0 <= self.job_index < self.jobs:
+            raise ValueError(f"--job-index must be in 0..{self.jobs - 1} for --jobs {self.jobs}")
         _ = self.audit  # the audit's options (quality, layout...) are checked before any work
 
     @property
@@ -63,24 +75,19 @@ class ConvertConfig:
         return AuditConfig(self.max_side, self.quality, self.max_pixels, self.jpeg_layout)
 
     def plan_options(self) -> dict:
-        """The options that decide shard contents (workers and strictness do not)."""
+        """The options that decide shard contents (not workers, engines or strictness)."""
         d = dataclasses.asdict(self)
-        d.pop("workers")
-        d.pop("strict")
+        for k in _RUN_OPTIONS:
+            d.pop(k)
         return d
+
+    def pack_options(self) -> dict:
+        """The options the manifest records: the plan's, and the workers used."""
+        return {**self.plan_options(), "workers": self.workers, "strict": self.strict}
 
 
 class ConversionError(UserError):
     """A conversion that cannot run as asked (bad source, options or output)."""
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    split: str
-    index: int
-    count: int
-    root: str
-    candidates: tuple[Candidate, ...]
 
 
 def num_shards(n: int, cfg: ConvertConfig) -> int:
@@ -93,13 +100,13 @@ def num_shards(n: int, cfg: ConvertConfig) -> int:
 
 def plan_split(listing: SplitListing, cfg: ConvertConfig) -> list[ShardJob]:
     cands = listing.candidates
-    if listing.name == "train":
+    if listing.name == "train" and not listing.ordered:
         order = np.random.default_rng(cfg.seed).permutation(len(cands))
         cands = [cands[i] for i in order]
     k = num_shards(len(cands), cfg)
     bounds = [round(i * len(cands) / k) for i in range(k + 1)]
     return [
-        ShardJob(listing.name, i, k, str(listing.root), tuple(cands[bounds[i] : bounds[i + 1]]))
+        ShardJob(listing.name, i, k, listing.reader, tuple(cands[bounds[i] : bounds[i + 1]]))
         for i in range(k)
     ]
 
@@ -111,86 +118,120 @@ def listing_digest(listing: SplitListing) -> str:
     return f"{crc:08x}"
 
 
-# --- worker side ---------------------------------------------------------------------------
-
-_progress = None  # shared counter of images processed, set in each worker
-
-
-def _init_worker(counter, parent: int):
-    global _progress
-    _progress = counter
-    die_with_parent(parent)  # a killed parent leaves no worker writing on
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _terminate_as_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+def check_output_place(src: Path, out: Path) -> None:
+    """Refuse an output inside its source (the next conversion would read it as a class) or
+    a source inside its output."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents:
+        raise ConversionError(
+            f"{out} is inside the source {src}", "choose an output folder outside the source"
+        )
+    if o in s.parents:
+        raise ConversionError(
+            f"the source {src} is inside the output {out}", "choose another output folder"
+        )
 
 
-def convert_shard(job: ShardJob, out: str, cfg: ConvertConfig, classes: list[str]) -> dict:
-    """Audit and write one shard; returns its record (file, counts, digest, audit, rejected)."""
-    fmt = PACK_FORMATS.get(cfg.format)
-    folder = Path(out) / job.split
-    final = folder / shard_name(job.split, job.index, job.count, fmt.suffix)
-    partial = final.with_name(final.name + ".partial")
-    writer = fmt.writer(partial, classes=classes)
-    audit = Counter()
-    rejected = []
-    acfg = cfg.audit
+def _make_state_dir(out: Path) -> Path:
+    state = out / STATE_DIR
     try:
-        for cand in job.candidates:
-            path = os.path.join(job.root, cand.path)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                res = audit_image(data, acfg)
-            except Rejected as e:
-                rejected.append({"path": cand.path, "reason": str(e)})
-                audit["rejected"] += 1
-            except OSError as e:
-                rejected.append({"path": cand.path, "reason": f"unreadable: {e.strerror or e}"})
-                audit["rejected"] += 1
-            else:
-                writer.write(Sample(res.image, cand.label, cand.path, res.height, res.width))
-                audit[res.kind] += 1
-            if _progress is not None:
-                with _progress.get_lock():
-                    _progress.value += 1
-        info = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    if info.get("index"):
-        # The TFRecord index was written beside the partial file: give it the final name.
-        idx_partial = partial.with_name(info["index"])
-        idx_final = final.with_suffix(".idx")
-        os.replace(idx_partial, idx_final)
-        info["index"] = idx_final.name
-    os.replace(partial, final)
-    record = {"file": final.name, **info, "audit": dict(audit), "rejected": rejected}
-    state = Path(out) / STATE_DIR / "done"
-    write_json_atomic(state / f"{job.split}-{job.index:05d}.json", record)
-    return record
+        (state / "done").mkdir(parents=True, exist_ok=True)
+        probe = state / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConversionError(
+            f"{out}: cannot write there ({e.strerror or e})",
+            "choose an output folder you can write to",
+        ) from None
+    return state
 
 
-def _run_job(args):
-    job, out, cfg, classes = args
-    return job.split, job.index, len(job.candidates), convert_shard(job, out, cfg, classes)
+def _check_plan(out: Path, plan: dict, write: bool) -> None:
+    """The plan of an unfinished conversion in ``out`` must be this one; write it if none."""
+    plan_path = out / STATE_DIR / "plan.json"
+    if plan_path.exists():
+        with open(plan_path) as f:
+            if json.load(f) != plan:
+                raise ConversionError(
+                    f"{out} holds an unfinished conversion with other sources or options",
+                    "re-run it with the same command, or choose a new output folder",
+                )
+    elif write:
+        write_json_atomic(plan_path, plan)
+    else:
+        raise ConversionError(
+            f"{out}: no conversion was started there", "run the array jobs before --finalize"
+        )
 
 
-# --- driver --------------------------------------------------------------------------------
+@dataclass
+class Planned:
+    """What convert works from: the source's listings, the plan, its shard jobs."""
+
+    kind: str
+    classes: list[str]
+    listings: list[SplitListing]
+    plan: dict
+    jobs: list[ShardJob]
 
 
-def _load_done(out: Path, jobs: list[ShardJob], suffix: str) -> dict[tuple[str, int], dict]:
+def make_plan(src: Path, cfg: ConvertConfig, opts: SourceOptions) -> Planned:
+    kind, classes, listings = discover(src, opts)
+    plan = {
+        "source": str(src.resolve()),
+        "source_kind": kind,
+        "options": cfg.plan_options(),
+        "classes": classes,
+        "splits": {
+            l.name: {"candidates": len(l.candidates), "listing": listing_digest(l)}
+            for l in listings
+        },
+    }
+    jobs = [job for l in listings for job in plan_split(l, cfg)]
+    return Planned(kind, classes, listings, plan, jobs)
+
+
+def load_done(out: Path, jobs: list[ShardJob], fmt_name: str) -> dict[str, dict]:
+    """Done records of ``jobs`` whose shards still match them; a shard that does not (cut
+    short, changed, gone) loses its record, so it is redone."""
     done = {}
     for job in jobs:
-        p = out / STATE_DIR / "done" / f"{job.split}-{job.index:05d}.json"
-        shard = out / job.split / shard_name(job.split, job.index, job.count, suffix)
-        if p.exists() and shard.exists():
+        p = done_path(out, job)
+        if not p.exists():
+            continue
+        try:
             with open(p) as f:
-                done[(job.split, job.index)] = json.load(f)
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = {}
+        why = check_done(out, job, record, fmt_name) if record else "its done record is damaged"
+        if why is None:
+            done[job.done_name] = record
+        else:
+            log.warning("%s shard %d: %s; redoing it", job.split, job.index, why)
+            p.unlink()
     return done
+
+
+def _resolve_layout(cfg: ConvertConfig) -> ConvertConfig:
+    if cfg.jpeg_layout == "segmented" and CROP_DECODER != "turbo_crop":
+        # Without the C extension there is no lossless transcoder (nor a decoder that gains
+        # from the layout): keep the files' own bytes, and say so in the manifest's options.
+        log.warning("the datasvc._jpegcrop extension is not built: storing JPEGs as found")
+        return dataclasses.replace(cfg, jpeg_layout="original")
+    return cfg
+
+
+def _existing_manifest(out: Path, plan: dict) -> dict | None:
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("plan") != plan:
+        raise ConversionError(f"{out} already holds a different pack", "choose a new output folder")
+    return manifest
 
 
 def convert(
@@ -201,163 +242,143 @@ def convert(
     val_labels: str | None = None,
     val_synsets: str | None = None,
     progress: bool = True,
+    source: SourceOptions | None = None,
+    finalize: bool = False,
 ) -> dict:
-    """Convert ``src`` into a pack at ``out``; resumes an interrupted run. Returns the manifest."""
+    """Convert ``src`` into a pack at ``out``; resumes an interrupted run. Returns the
+    manifest, or, for one of several array jobs, a summary of this job's shards."""
     src, out = Path(src), Path(out)
-    if cfg.jpeg_layout == "segmented" and CROP_DECODER != "turbo_crop":
-        # Without the C extension there is no lossless transcoder (nor a decoder that gains
-        # from the layout): keep the files' own bytes, and say so in the manifest's options.
-        _log(True, "the datasvc._jpegcrop extension is not built: storing JPEGs as found")
-        cfg = dataclasses.replace(cfg, jpeg_layout="original")
-    classes, listings = discover(src, splits, val_labels, val_synsets)
-    fmt = PACK_FORMATS.get(cfg.format)
-    plan = {
-        "source": str(src.resolve()),
-        "options": cfg.plan_options(),
-        "classes": classes,
-        "splits": {
-            l.name: {"candidates": len(l.candidates), "listing": listing_digest(l)}
-            for l in listings
-        },
-    }
-    state = out / STATE_DIR
-    manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists():
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("plan") == plan:
-            _log(progress, f"{out}: already complete (manifest.json present); nothing to do")
-            return manifest
-        raise ConversionError(f"{out} already holds a different pack; choose a new output folder")
-    plan_path = state / "plan.json"
-    if plan_path.exists():
-        with open(plan_path) as f:
-            old = json.load(f)
-        if old != plan:
-            raise ConversionError(
-                f"{out} holds an unfinished conversion with other sources or options; "
-                "re-run it with the same command, or choose a new output folder"
-            )
-    (state / "done").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan_path, plan)
-    jobs = [job for l in listings for job in plan_split(l, cfg)]
-    for l in listings:
+    check_output_place(src, out)
+    cfg = _resolve_layout(cfg)
+    opts = source or SourceOptions(tuple(splits) if splits else None, val_labels, val_synsets)
+    planned = make_plan(src, cfg, opts)
+    log.info("source: %s (%s)", src, planned.kind)
+    manifest = _existing_manifest(out, planned.plan)
+    if manifest is not None:
+        log.info("%s: already complete (manifest.json present); nothing to do", out)
+        return manifest
+    if finalize:
+        return finalize_pack(src, out, cfg, planned)
+    _make_state_dir(out)
+    _check_plan(out, planned.plan, write=True)
+    for l in planned.listings:
         (out / l.name).mkdir(parents=True, exist_ok=True)
-    done = _load_done(out, jobs, fmt.suffix)
-    todo = [j for j in jobs if (j.split, j.index) not in done]
-    total = sum(len(j.candidates) for j in todo)
+    fmt = PACK_FORMATS.get(cfg.format)
+    mine = [j for j in planned.jobs if j.index % cfg.jobs == cfg.job_index]
+    done = load_done(out, mine, fmt.name)
     if done:
         # Always said, even when quiet: the user should know work was kept.
-        _log(True, f"resuming: {len(done)} of {len(jobs)} shards already finished")
-    _run_jobs(todo, out, cfg, classes, total, progress, done)
-    manifest = _write_manifest(out, src, cfg, plan, classes, listings, jobs, done, fmt)
+        log.warning("resuming: %d of %d shards already finished", len(done), len(mine))
+    _run(mine, done, out, cfg, planned, progress)
+    if cfg.jobs > 1:
+        return {"job_index": cfg.job_index, "jobs": cfg.jobs, "shards": len(mine)}
+    return finalize_pack(src, out, cfg, planned)
+
+
+def _run(mine, done, out, cfg, planned: Planned, progress: bool) -> None:
+    todo = [j for j in mine if j.done_name not in done]
+    feed = ProgressFeed(out, planned.jobs, progress and bool(todo))
+    try:
+        run_engine(cfg.engine, todo, out, cfg, planned.classes, feed)
+    except BaseException:
+        feed.bar.close()
+        finished = len(os.listdir(out / STATE_DIR / "done"))
+        log.warning(
+            "interrupted: %d of %d shards finished; re-run the same command to resume",
+            finished,
+            len(planned.jobs),
+        )
+        raise
+    feed.close()
+
+
+def finalize_pack(src: Path, out: Path, cfg: ConvertConfig, planned: Planned) -> dict:
+    """Check every shard against its done record and write the manifest; names the shards
+    still missing when some are."""
+    _check_plan(out, planned.plan, write=False)
+    fmt = PACK_FORMATS.get(cfg.format)
+    done = load_done(out, planned.jobs, fmt.name)
+    missing = [j for j in planned.jobs if j.done_name not in done]
+    if missing:
+        names = [j.file_name(fmt.suffix) for j in missing]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise ConversionError(
+            f"{len(missing)} of {len(planned.jobs)} shards are not finished: {shown}",
+            "run (or re-run) the array jobs that write them, then --finalize again",
+        )
+    manifest = write_manifest(out, cfg, planned, done)
     rejected = sum(s["audit"]["rejected"] for s in manifest["splits"].values())
     if cfg.strict and rejected:
-        manifest_path.unlink()
+        (out / MANIFEST_NAME).unlink()
         raise ConversionError(
-            f"--strict: {rejected} file(s) rejected; see {out}/<split>/rejected.jsonl"
+            f"--strict: {rejected} file(s) rejected", f"see {out}/<split>/rejected.jsonl"
         )
     return manifest
 
 
-def _log(enabled: bool, msg: str) -> None:
-    if enabled:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _run_jobs(todo, out, cfg, classes, total, progress, done) -> None:
-    if not todo:
-        return
-    from tqdm import tqdm
-
-    ctx = mp.get_context("fork")
-    counter = ctx.Value("q", 0)
-    args = [(j, str(out), cfg, classes) for j in todo]
-    bar = tqdm(total=total, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
-    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # stop like Ctrl-C
-    pool = ctx.Pool(
-        min(cfg.workers, len(todo)), initializer=_init_worker, initargs=(counter, os.getpid())
+def _split_entry(out: Path, listing: SplitListing, records: list[dict]) -> tuple[dict, Counter]:
+    audit, rejected = Counter(), []
+    for r in records:
+        audit.update(r["audit"])
+        rejected.extend(r["rejected"])
+    with open(out / listing.name / "rejected.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rejected)
+    shards = [
+        {k: r[k] for k in ("file", "num_records", "image_bytes", "digest", "index") if k in r}
+        for r in records
+    ]
+    passed = audit.pop("jpeg", 0)
+    n_rej = audit.pop("rejected", 0)
+    split_audit = {
+        "candidates": len(listing.candidates),
+        "passed": passed,
+        "converted": dict(sorted(audit.items())),
+        "rejected": n_rej,
+        "rejected_reasons": dict(Counter(r["reason"].split(":")[0] for r in rejected)),
+        "ignored": len(listing.ignored),
+        "reached_twice": len(listing.repeats),
+    }
+    totals = Counter(
+        candidates=len(listing.candidates),
+        passed=passed,
+        rejected=n_rej,
+        converted=sum(audit.values()),
+        ignored=len(listing.ignored),
+        reached_twice=len(listing.repeats),
     )
-    try:
-        results = pool.imap_unordered(_run_job, args)
-        remaining = len(todo)
-        while remaining:
-            try:
-                split, index, _, record = results.next(timeout=0.2)
-            except mp.TimeoutError:
-                pass
-            else:
-                done[(split, index)] = record
-                remaining -= 1
-            bar.n = counter.value
-            bar.refresh()
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        bar.close()
-        print(
-            f"\ninterrupted: {len(done)} shards finished; re-run the same command to resume",
-            file=sys.stderr,
-        )
-        raise
-    finally:
-        pool.join()
-        signal.signal(signal.SIGTERM, previous)
-    bar.n = counter.value
-    bar.close()
+    entry = {
+        "num_samples": sum(s["num_records"] for s in shards),
+        "shards": shards,
+        "audit": split_audit,
+        "rejected_file": "rejected.jsonl",
+    }
+    return entry, totals
 
 
-def _write_manifest(out, src, cfg, plan, classes, listings, jobs, done, fmt) -> dict:
-    splits = {}
-    totals = Counter()
-    for l in listings:
-        records = [done[(j.split, j.index)] for j in jobs if j.split == l.name]
-        audit = Counter()
-        rejected = []
-        for r in records:
-            audit.update(r["audit"])
-            rejected.extend(r["rejected"])
-        with open(out / l.name / "rejected.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejected)
-        shards = [
-            {k: r[k] for k in ("file", "num_records", "image_bytes", "digest", "index") if k in r}
-            for r in records
-        ]
-        passed = audit.pop("jpeg", 0)
-        n_rej = audit.pop("rejected", 0)
-        split_audit = {
-            "candidates": len(l.candidates),
-            "passed": passed,
-            "converted": dict(sorted(audit.items())),
-            "rejected": n_rej,
-            "rejected_reasons": dict(Counter(r["reason"].split(":")[0] for r in rejected)),
-            "ignored": len(l.ignored),
-        }
-        totals.update(
-            {
-                "candidates": len(l.candidates),
-                "passed": passed,
-                "rejected": n_rej,
-                "converted": sum(audit.values()),
-                "ignored": len(l.ignored),
-            }
-        )
-        splits[l.name] = {
-            "num_samples": sum(s["num_records"] for s in shards),
-            "shards": shards,
-            "audit": split_audit,
-            "rejected_file": "rejected.jsonl",
-        }
+def write_manifest(out: Path, cfg: ConvertConfig, planned: Planned, done: dict) -> dict:
+    splits, totals = {}, Counter()
+    for l in planned.listings:
+        if l.repeats:
+            log.warning(
+                "%s: %d path(s) reached a second time (symlink loops or links), each counted "
+                "once: %s",
+                l.name,
+                len(l.repeats),
+                ", ".join(l.repeats[:5]),
+            )
+        records = [done[j.done_name] for j in planned.jobs if j.split == l.name]
+        splits[l.name], split_totals = _split_entry(out, l, records)
+        totals.update(split_totals)
     manifest = {
         "format": cfg.format,
         "format_version": FORMAT_VERSION,
         "created_by": f"datasvc {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "classes": classes,
+        "classes": planned.classes,
         "splits": splits,
-        "options": dataclasses.asdict(cfg),
+        "options": cfg.pack_options(),
         "audit": dict(totals),
-        "plan": plan,
+        "plan": planned.plan,
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return manifest

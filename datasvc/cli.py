@@ -1,4 +1,4 @@
-"""``datasvc``: sample | convert | verify | inspect | bench | serve | keys."""
+"""``datasvc``: sample | convert | adopt | verify | inspect | bench | serve | keys."""
 
 from __future__ import annotations
 
@@ -18,35 +18,17 @@ def _cmd_sample(a) -> int:
 
 
 def _cmd_convert(a) -> int:
-    from converters.convert import ConversionError, ConvertConfig, convert
+    from converters.cli import run
 
-    try:
-        cfg = ConvertConfig(
-            format=a.format,
-            shards=a.shards,
-            shard_size=a.shard_size,
-            workers=a.workers,
-            max_side=a.max_side,
-            quality=a.quality,
-            max_pixels=a.max_pixels,
-            strict=a.strict,
-            seed=a.seed,
-            jpeg_layout=a.jpeg_layout,
-        )
-        m = convert(a.src, a.out, cfg, a.split, a.val_labels, a.val_synsets, progress=not a.quiet)
-    except (ConversionError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"datasvc convert: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    for name, s in m["splits"].items():
-        au = s["audit"]
-        print(
-            f"{name}: {s['num_samples']} images in {len(s['shards'])} shards; passed "
-            f"{au['passed']}, converted {au['converted']}, rejected {au['rejected']}, "
-            f"ignored {au['ignored']}"
-        )
-    print(f"wrote {a.out}/manifest.json")
+    return run(a)
+
+
+def _cmd_adopt(a) -> int:
+    from datasvc.packs.tfrecord import adopt_tf_imagenet
+
+    m = adopt_tf_imagenet(a.path, workers=a.workers, progress=not a.quiet)
+    counts = ", ".join(f"{k} {v['num_samples']}" for k, v in m["splits"].items())
+    print(f"{a.path}: {len(m['classes'])} classes; {counts}; wrote {a.path}/manifest.json")
     return 0
 
 
@@ -121,35 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=_cmd_sample)
 
-    c = sub.add_parser("convert", help="convert an ImageFolder tree into an LMDB or TFRecord pack")
-    c.add_argument("src")
-    c.add_argument("out")
-    c.add_argument("--format", default="lmdb", choices=["lmdb", "tfrecord"])
-    c.add_argument("--split", action="append", help="split folder to convert (repeatable)")
-    c.add_argument("--shards", type=int, default=None, help="shards per split")
-    c.add_argument("--shard-size", type=int, default=1024, help="images per shard")
-    c.add_argument("--workers", type=int, default=2)
-    c.add_argument("--max-side", type=int, default=None, help="store longest side at most PX")
-    c.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-    c.add_argument("--max-pixels", type=int, default=178_956_970, help="decompression-bomb cap")
-    c.add_argument("--strict", action="store_true", help="any rejected file is an error")
-    c.add_argument("--seed", type=int, default=0, help="seed of the train shard order")
-    c.add_argument(
-        "--jpeg-layout",
-        default="segmented",
-        choices=["segmented", "original"],
-        help="segmented (default): re-encode JPEGs losslessly (same pixels) with restart "
-        "markers, so that a random crop entropy-decodes only its part; original: keep the "
-        "files' bytes",
-    )
-    c.add_argument(
-        "--val-labels",
-        help="labels of a flat val folder (LOC_val_solution.csv or "
-        "ILSVRC2012_validation_ground_truth.txt)",
-    )
-    c.add_argument("--val-synsets", help="devkit ID → wnid list, with the ground-truth file")
-    c.add_argument("-q", "--quiet", action="store_true")
+    from converters.cli import HELP as convert_help
+    from converters.cli import add_arguments as convert_args
+
+    c = sub.add_parser("convert", help=convert_help)
+    convert_args(c)
     c.set_defaults(fn=_cmd_convert)
+
+    ad = sub.add_parser(
+        "adopt", help="index TensorFlow-made ImageNet TFRecords once so they open as a pack"
+    )
+    ad.add_argument("path", help="folder of train-NNNNN-of-NNNNN / validation-... shards")
+    ad.add_argument("--workers", type=int, default=2)
+    ad.add_argument("-q", "--quiet", action="store_true")
+    ad.set_defaults(fn=_cmd_adopt)
 
     v = sub.add_parser("verify", help="check every record of a pack")
     v.add_argument("pack")

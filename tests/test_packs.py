@@ -148,7 +148,7 @@ def test_strict_fails_on_rejection(tree, tmp_path):
         "-q",
         check=False,
     )
-    assert r.returncode == 2 and "rejected" in r.stderr
+    assert r.returncode == 1 and "rejected" in r.stderr
     assert not (tmp_path / "p" / MANIFEST_NAME).exists()
 
 

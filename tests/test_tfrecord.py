@@ -8,8 +8,17 @@ import glob
 import numpy as np
 import pytest
 
-from datasvc.packs import open_pack
-from datasvc.packs.tfrecord import decode_example, frame, masked_crc, scan_records, unframe
+from datasvc.packs import PackError, open_pack
+from datasvc.packs.tfrecord import (
+    TFRecordShardReader,
+    decode_example,
+    frame,
+    masked_crc,
+    scan_records,
+    unframe,
+)
+from datasvc.packs.verify import verify_pack
+from tests.test_packs import cli
 
 
 def _example_class():
@@ -100,42 +109,65 @@ def _tf_script_example(Example, image: bytes, label: int, synset: str, name: str
     return ex.SerializeToString()
 
 
-def test_reads_tensorflow_script_shards(tmp_path, clean_pack):
+def _write_tf_shards(tmp_path, clean_pack):
+    """Two train shards and one validation shard as TensorFlow's script writes them (the
+    protobuf runtime encodes them); returns the pack they came from and what they hold."""
     Example = _example_class()
     src = open_pack(clean_pack)
-    split = src.split("train")
-    expected = []
-    for shard in range(2):
-        with open(tmp_path / f"train-{shard:05d}-of-00002", "wb") as f:
-            for k in range(shard * 10, shard * 10 + 10):
+    expected = {"train": [], "val": []}
+    layout = [("train", 0, 2, range(0, 10)), ("train", 1, 2, range(10, 20))]
+    layout.append(("validation", 0, 1, range(0, 3)))
+    for tf_split, shard, count, rows in layout:
+        ours = "val" if tf_split == "validation" else "train"
+        split = src.split(ours)
+        with open(tmp_path / f"{tf_split}-{shard:05d}-of-{count:05d}", "wb") as f:
+            for k in rows:
                 s = split[k]
                 name = s.key.split("/")[-1]
                 data = _tf_script_example(
                     Example, s.image, s.label + 1, src.classes[s.label], name, s.height, s.width
                 )
                 f.write(frame(data))
-                expected.append((s.image, s.label, name))
-    with open(tmp_path / "validation-00000-of-00001", "wb") as f:
-        s = src.split("val")[0]
-        f.write(
-            frame(
-                _tf_script_example(
-                    Example,
-                    s.image,
-                    s.label + 1,
-                    src.classes[s.label],
-                    "ILSVRC2012_val_00000001.JPEG",
-                    s.height,
-                    s.width,
-                )
-            )
-        )
+                expected[ours].append((s.image, s.label, name))
+    return src, expected
+
+
+def test_adopt_tensorflow_script_shards(tmp_path, clean_pack):
+    """`datasvc adopt` reads TF-made shards once; then they open without reading a record."""
+    src, expected = _write_tf_shards(tmp_path, clean_pack)
+    with pytest.raises(PackError, match=r"datasvc adopt"):
+        open_pack(tmp_path)
+    r = cli("adopt", tmp_path, "--workers", "2", "-q")
+    assert "wrote" in r.stdout and (tmp_path / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.glob("*.idx")) == [
+        "train-00000-of-00002.idx",
+        "train-00001-of-00002.idx",
+        "validation-00000-of-00001.idx",
+    ]
+    before = (TFRecordShardReader.records_read, TFRecordShardReader.shards_scanned)
     pack = open_pack(tmp_path)
-    train = pack.split("train")
-    assert len(train) == 20 and len(pack.split("val")) == 1
-    for k, (image, label, name) in enumerate(expected):
-        got = train[k]
-        assert (got.image, got.label, got.key) == (image, label, name)
+    sizes = {name: len(pack.split(name)) for name in pack.splits}
+    assert (TFRecordShardReader.records_read, TFRecordShardReader.shards_scanned) == before
+    assert sizes == {"train": 20, "val": 3}
+    # TF's labels are 1-based with an unused 0: the class list is the source's, by label
+    assert pack.classes == src.classes
+    assert "format='tfrecord'" in repr(pack)
+    for name, rows in expected.items():
+        split = pack.split(name)
+        got = [(s.image, s.label, s.key) for s in (split[k] for k in range(len(split)))]
+        assert got == rows
+    assert TFRecordShardReader.records_read == before[0] + 23
+    assert verify_pack(tmp_path).ok
+
+
+def test_adopt_names_what_it_cannot_read(tmp_path, clean_pack):
+    _write_tf_shards(tmp_path, clean_pack)
+    shard = tmp_path / "train-00001-of-00002"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    r = cli("adopt", tmp_path, "-q", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "train-00001-of-00002" in r.stderr and "truncated" in r.stderr
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_our_examples_parse_with_protobuf(tfrecord_pack):

@@ -130,7 +130,8 @@ class Pack:
             )
         if name not in self._splits:
             info = self.manifest["splits"][name]
-            paths = [self.path / name / s["file"] for s in info["shards"]]
+            folder = self.path / info.get("dir", name)  # adopted TF shards sit side by side
+            paths = [folder / s["file"] for s in info["shards"]]
             counts = [s["num_records"] for s in info["shards"]]
             self._splits[name] = Split(name, paths, counts, self.format.reader)
         return self._splits[name]
@@ -144,10 +145,13 @@ def open_pack(path: str | os.PathLike) -> Pack:
     """Open a pack directory (any registered format) for reading."""
     path = Path(path)
     if not (path / MANIFEST_NAME).exists():
-        from datasvc.packs.tfrecord import adopt_tf_imagenet, looks_like_tf_imagenet
+        from datasvc.packs.tfrecord import looks_like_tf_imagenet
 
         if looks_like_tf_imagenet(path):
-            return adopt_tf_imagenet(path)
+            raise PackError(
+                f"{path} holds TensorFlow ImageNet TFRecords without a {MANIFEST_NAME}",
+                f"run `datasvc adopt {path}` once; it indexes them so they open at once",
+            )
     return Pack(path)
 
 

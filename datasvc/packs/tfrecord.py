@@ -11,7 +11,7 @@ from pathlib import Path
 
 import google_crc32c
 
-from datasvc.packs import CorruptSampleError, PackFormat, Sample, register_pack_format
+from datasvc.packs import CorruptSampleError, PackError, PackFormat, Sample, register_pack_format
 
 _MASK_DELTA = 0xA282EAD8
 INDEX_SUFFIX = ".idx"
@@ -278,7 +278,14 @@ class TFRecordShardWriter:
 
 
 class TFRecordShardReader:
-    """Random-access reader of one TFRecord shard through its index; reopens per process."""
+    """Random-access reader of one TFRecord shard through its index; reopens per process.
+
+    ``records_read`` and ``shards_scanned`` count, per process, the records read and the
+    shards whose framing was walked for want of an index (what opening a pack must not do).
+    """
+
+    records_read = 0
+    shards_scanned = 0
 
     def __init__(self, path: str | os.PathLike, verify: bool = True, index=None):
         self.path = Path(path)
@@ -291,7 +298,11 @@ class TFRecordShardReader:
     def index(self) -> list[tuple[int, int]]:
         if self._index is None:
             ip = index_path(self.path)
-            self._index = read_index(ip) if ip.exists() else scan_records(self.path)
+            if ip.exists():
+                self._index = read_index(ip)
+            else:
+                TFRecordShardReader.shards_scanned += 1
+                self._index = scan_records(self.path)
         return self._index
 
     def _file(self):
@@ -305,6 +316,7 @@ class TFRecordShardReader:
 
     def raw(self, i: int) -> bytes:
         offset, size = self.index[i]
+        TFRecordShardReader.records_read += 1
         return os.pread(self._file().fileno(), size, offset)
 
     def __getitem__(self, i: int) -> Sample:
@@ -341,6 +353,8 @@ register_pack_format(PackFormat("tfrecord", ".tfrecord", TFRecordShardWriter, TF
 # --- ImageNet TFRecords written by TensorFlow's own script ---------------------------------
 
 _TF_SHARD = re.compile(r"^(train|validation)-(\d{5})-of-(\d{5})$")
+_TF_SPLITS = {"train": "train", "validation": "val"}
+ADOPTED = "tensorflow imagenet script"
 
 
 def looks_like_tf_imagenet(path: str | os.PathLike) -> bool:
@@ -348,56 +362,109 @@ def looks_like_tf_imagenet(path: str | os.PathLike) -> bool:
     return path.is_dir() and any(_TF_SHARD.match(p.name) for p in path.iterdir())
 
 
-def adopt_tf_imagenet(path: str | os.PathLike):
-    """Open a folder of ``train-NNNNN-of-NNNNN`` / ``validation-...`` shards made by TensorFlow's
-    ImageNet script as a read-only pack (split ``validation`` is also named ``val``).
-
-    Record offsets come from a DALI ``.idx`` file beside a shard when present, otherwise from
-    one walk over the framing. The class list is rebuilt from the records' synsets.
-    """
-    from datasvc.packs import Pack, Split
-
-    path = Path(path)
+def tf_imagenet_shards(path: Path) -> dict[str, list[Path]]:
+    """{our split name: its shards, sorted} for ``train-NNNNN-of-NNNNN`` / ``validation-...``."""
     shards: dict[str, list[Path]] = {}
     for p in sorted(path.iterdir()):
         m = _TF_SHARD.match(p.name)
         if m:
-            shards.setdefault(m.group(1), []).append(p)
-    synsets: dict[int, str] = {}
-    splits = {}
-    readers = {}
-    for split, paths in shards.items():
-        infos = []
-        for p in paths:
-            reader = TFRecordShardReader(p)
-            for i in range(len(reader)):
-                feats = decode_example(unframe(reader.raw(i), f"{p} record {i}"))
-                label = int(feats["image/class/label"][0])
-                syn = feats.get("image/class/synset", [b""])[0].decode()
-                synsets.setdefault(label, syn)
-            infos.append({"file": p.name, "num_records": len(reader)})
-            readers[p] = reader.index
-        splits[split] = {"num_samples": sum(s["num_records"] for s in infos), "shards": infos}
-    classes = [synsets.get(i, str(i)) for i in range(1, max(synsets, default=0) + 1)]
+            shards.setdefault(_TF_SPLITS[m.group(1)], []).append(p)
+    return shards
 
-    pack = Pack.__new__(Pack)
-    pack.path = path
-    pack.manifest = {
-        "format": "tfrecord",
-        "format_version": 1,
-        "classes": classes,
-        "splits": splits,
-        "adopted": "tensorflow imagenet script",
+
+def _records(path: Path):
+    """Walk a TFRecord file front to back in one read → (offset, framed size, data)."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        offset = 0
+        while header := f.read(12):
+            where = f"{path} record at byte {offset}"
+            if len(header) < 12:
+                raise CorruptSampleError(f"{where}: truncated header")
+            (length,) = struct.unpack("<Q", header[:8])
+            if struct.unpack("<I", header[8:])[0] != masked_crc(header[:8]):
+                raise CorruptSampleError(f"{where}: bad length CRC")
+            body = f.read(length + 4)
+            if len(body) < length + 4:
+                raise CorruptSampleError(f"{where}: truncated record")
+            yield offset, 16 + length, unframe(header + body, where)
+            offset += 16 + length
+
+
+def adopt_shard(path: str) -> dict:
+    """Read one TF-made shard once: its DALI index (written beside it), record count, digest,
+    and the {1-based label: synset} pairs its records name."""
+    path = Path(path)
+    index, synsets, digest, image_bytes = [], {}, 0, 0
+    for i, (offset, size, data) in enumerate(_records(path)):
+        where = f"{path} record {i}"
+        try:
+            feats = decode_example(data)
+        except (ValueError, IndexError) as e:
+            raise CorruptSampleError(f"{where}: unparseable Example ({e})") from e
+        sample = sample_from_example(feats, where)
+        synsets.setdefault(sample.label + 1, feats.get("image/class/synset", [b""])[0].decode())
+        crc = google_crc32c.value(sample.image)
+        digest = google_crc32c.extend(digest, crc.to_bytes(4, "big"))
+        image_bytes += len(sample.image)
+        index.append((offset, size))
+    write_index(index, index_path(path))
+    return {
+        "file": path.name,
+        "num_records": len(index),
+        "image_bytes": image_bytes,
+        "digest": f"{digest:08x}",
+        "index": index_path(path).name,
+        "synsets": synsets,
     }
-    pack.format = None
-    pack.classes = classes
-    pack._splits = {}
-    for split, info in list(splits.items()):
-        ps = [path / s["file"] for s in info["shards"]]
-        sp = Split(split, ps, [s["num_records"] for s in info["shards"]], TFRecordShardReader)
-        sp._readers = [TFRecordShardReader(p, index=readers[p]) for p in ps]
-        pack._splits[split] = sp
-        if split == "validation":
-            pack._splits["val"] = sp
-            pack.manifest["splits"]["val"] = info
-    return pack
+
+
+def _adopted_classes(synsets: dict[int, str]) -> list[str]:
+    """Labels 1..K of TF's script (0 is its unused background class) → K class names."""
+    return [synsets.get(i) or str(i) for i in range(1, max(synsets, default=0) + 1)]
+
+
+def adopt_tf_imagenet(path: str | os.PathLike, workers: int = 2, progress: bool = False) -> dict:
+    """Read the shards made by TensorFlow's ImageNet script once, in parallel, and write a
+    DALI index beside each and a ``manifest.json`` beside them: afterwards ``open_pack(path)``
+    opens them without reading a record. Returns the manifest."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    from datasvc.packs.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
+
+    path = Path(path)
+    shards = tf_imagenet_shards(path) if path.is_dir() else {}
+    if not shards:
+        raise PackError(f"{path}: no train-NNNNN-of-NNNNN or validation-NNNNN-of-NNNNN shards")
+    files = [str(p) for ps in shards.values() for p in ps]
+    total = sum(os.path.getsize(f) for f in files)
+    records = {}
+    with (
+        mp.get_context("fork").Pool(max(1, min(workers, len(files)))) as pool,
+        tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar,
+    ):
+        for f, rec in zip(files, pool.imap(adopt_shard, files)):
+            records[f] = rec
+            bar.update(os.path.getsize(f))
+    synsets = {}
+    for rec in records.values():
+        for label, syn in rec.pop("synsets").items():
+            synsets.setdefault(label, syn)
+    splits = {}
+    for split, ps in shards.items():
+        infos = [records[str(p)] for p in ps]
+        n = sum(r["num_records"] for r in infos)
+        splits[split] = {"num_samples": n, "shards": infos, "dir": "."}
+    manifest = {
+        "format": "tfrecord",
+        "format_version": FORMAT_VERSION,
+        "classes": _adopted_classes(synsets),
+        "splits": splits,
+        "adopted": ADOPTED,
+    }
+    try:
+        write_json_atomic(path / MANIFEST_NAME, manifest)
+    except OSError as e:
+        raise PackError(f"{path}: cannot write {MANIFEST_NAME} there ({e.strerror or e})") from None
+    return manifest

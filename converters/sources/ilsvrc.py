@@ -1,0 +1,124 @@
+"""The ILSVRC2012 files as image-net.org hands them out, read in place: the train tar (a tar
+of one tar per class), the flat val tar, and the val labels from the devkit
+(``ILSVRC2012_devkit_t12.tar.gz``) or Kaggle's ``LOC_val_solution.csv``."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from converters.sources import (
+    Candidate,
+    SourceError,
+    SourceOptions,
+    SplitListing,
+    is_image_name,
+    tree_order,
+)
+from converters.sources.tarfiles import TarMemberReader, members, nested_members
+from converters.sources.tree import check_val_label, parse_val_labels, read_val_labels
+
+TARBALLS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
+DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+KAGGLE_LABELS = "LOC_val_solution.csv"
+
+
+def list_train(path: Path) -> tuple[list[str], SplitListing]:
+    """The train tar → sorted synsets (one inner ``<wnid>.tar`` each) and the candidates, keyed
+    ``<wnid>/<file name>`` as the extracted tree's."""
+    outer = [m for m in members(str(path))]
+    inner = sorted((m for m in outer if m.name.endswith(".tar")), key=lambda m: m.name)
+    classes = [m.name.rsplit("/", 1)[-1][: -len(".tar")] for m in inner]
+    if not classes:
+        raise SourceError(f"{path}: no per-class tars inside (<wnid>.tar members)")
+    candidates, ignored = [], [m.name for m in outer if not m.name.endswith(".tar")]
+    for label, (wnid, m) in enumerate(zip(classes, inner)):
+        for f in nested_members(str(path), m):
+            key = f"{wnid}/{f.name}"
+            if is_image_name(f.name):
+                candidates.append(Candidate(key, label, (0, f.offset, f.size)))
+            else:
+                ignored.append(key)
+    candidates.sort(key=lambda c: tree_order(c.path))
+    return classes, SplitListing("train", TarMemberReader([str(path)]), candidates, ignored)
+
+
+def _devkit_files(path: Path) -> tuple[str, list[str]]:
+    """The devkit → (the ground-truth text, ID → wnid list); the list comes from
+    ``data/meta.mat`` (leaf synsets, by ILSVRC2012_ID), as torchvision reads it."""
+    import scipy.io
+
+    gt = meta = None
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for m in tar:
+                if m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
+                    gt = tar.extractfile(m).read().decode()
+                elif m.name.endswith("data/meta.mat"):
+                    meta = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SourceError(f"{path}: not a readable devkit tar.gz ({e})") from None
+    if gt is None or meta is None:
+        raise SourceError(
+            f"{path}: no data/ILSVRC2012_validation_ground_truth.txt or data/meta.mat inside"
+        )
+    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    leaves = sorted((int(s[0]), str(s[1])) for s in synsets if int(s[4]) == 0)
+    return gt, [wnid for _, wnid in leaves]
+
+
+def val_labels(src: Path, opts: SourceOptions) -> tuple[dict[str, str], list[str]]:
+    """The val labels map {file stem: wnid} and the wnids it may name, from ``--val-labels``,
+    Kaggle's CSV or the devkit beside the tarballs (in that order)."""
+    if opts.val_labels:
+        synsets = Path(opts.val_synsets) if opts.val_synsets else None
+        labels = read_val_labels(Path(opts.val_labels), synsets)
+        return labels, sorted(set(labels.values()))
+    if (src / KAGGLE_LABELS).exists():
+        labels = parse_val_labels((src / KAGGLE_LABELS).read_text(), str(src / KAGGLE_LABELS))
+        return labels, sorted(set(labels.values()))
+    if (src / DEVKIT).exists():
+        gt, synsets = _devkit_files(src / DEVKIT)
+        return parse_val_labels(gt, str(src / DEVKIT), synsets), sorted(synsets)
+    raise SourceError(
+        f"{src / TARBALLS['val']}: no val labels; put {DEVKIT} or Kaggle's {KAGGLE_LABELS} "
+        "beside it, or pass --val-labels"
+    )
+
+
+def list_val(path: Path, classes: list[str], labels: dict[str, str]) -> SplitListing:
+    """The flat val tar → candidates keyed by file name, labelled from ``labels``."""
+    index = {c: i for i, c in enumerate(classes)}
+    candidates, ignored = [], []
+    for m in members(str(path)):
+        name = m.name.rsplit("/", 1)[-1]
+        if not is_image_name(name):
+            ignored.append(m.name)
+            continue
+        where = f"{path}: member {m.name}"
+        label = check_val_label(where, name.rsplit(".", 1)[0], labels, index)
+        candidates.append(Candidate(name, label, (0, m.offset, m.size)))
+    candidates.sort(key=lambda c: tree_order(c.path))
+    return SplitListing("val", TarMemberReader([str(path)]), candidates, ignored)
+
+
+def discover_ilsvrc(src: Path, opts: SourceOptions) -> tuple[list[str], list[SplitListing]]:
+    """The tarballs in ``src`` → train's synsets (or the labels' when only val is converted)
+    and the listings of the requested splits."""
+    present = [s for s in TARBALLS if (src / TARBALLS[s]).exists()]
+    splits = list(opts.splits) if opts.splits else present
+    for s in splits:
+        if s not in TARBALLS:
+            raise SourceError(f"--split {s}: the ILSVRC2012 tarballs hold train and val only")
+        if not (src / TARBALLS[s]).exists():
+            raise SourceError(f"{src / TARBALLS[s]}: missing (asked for split {s})")
+    classes, listings = None, []
+    if "train" in splits:
+        classes, train = list_train(src / TARBALLS["train"])
+        listings.append(train)
+    if "val" in splits:
+        labels, wnids = val_labels(src, opts)
+        classes = classes or wnids
+        listings.append(list_val(src / TARBALLS["val"], classes, labels))
+    return classes, listings
