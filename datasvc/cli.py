@@ -53,6 +53,10 @@ def _cmd_inspect(a) -> int:
 
 
 def _cmd_bench(a) -> int:
+    if a.io is not None:
+        from benchmarks.storage import main as storage_main
+
+        return storage_main(a)
     from benchmarks.loaders import main as bench_main
 
     return bench_main(a)
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.loaders import add_arguments as bench_args
 
     bench_args(b)
+    from benchmarks.storage import add_arguments as storage_args
+
+    storage_args(b)
     b.set_defaults(fn=_cmd_bench)
 
     sv = sub.add_parser("serve", help="serve uint8 batches over ZeroMQ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,4 +58,39 @@ def test_bench_writes_json_table_and_plot(clean_pack, tmp_path):
     assert res["decode_limit"]["images_per_s"] > 0
     assert res["config"]["workers"] == 1 and "machine" in res
     assert "| custom |" in r.stdout and "decode limit" in r.stdout
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_io_writes_storage_tables_and_json(clean_pack, tmp_path):
+    """`datasvc bench --io` on a tiny pack: the pack mirrored to TFRecord and exported as files,
+    each read warm and cold; the cold epochs really started cold (mincore < 10%)."""
+    out, png = tmp_path / "io.json", tmp_path / "io.png"
+    cmd = [sys.executable, "-m", "datasvc.cli", "bench", "--io", str(clean_pack)]
+    cmd += ["--repeats", "1", "--batch-size", "8", "--image-size", "32", "--workers", "1"]
+    cmd += ["--read-ahead-methods", "fadvise,thread", "--json", str(out), "--plot", str(png)]
+    env = {**os.environ, "DATASVC_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    rows = {(x["storage"], x["cache"]): x for x in res["storage"]}
+    assert set(rows) == {(s, c) for s in ("lmdb", "tfrecord", "folder") for c in ("warm", "cold")}
+    for (storage, cache), row in rows.items():
+        assert row["mb_per_s"] > 0 and row["records_per_s"] > 0 and row["images_per_s"] > 0
+        assert row["loader"] == ("custom" if storage != "folder" else "torch (ImageFolder, PIL)")
+        if cache == "cold":
+            assert row["resident_before"] < 0.10, row  # it really was cold
+        else:
+            assert row["resident_before"] > 0.90, row
+    ahead = {(x["storage"], x["read_ahead"]): x for x in res["read_ahead"]}
+    assert set(ahead) == {
+        (s, m) for s in ("lmdb", "tfrecord") for m in ("none", "fadvise", "thread")
+    }
+    for row in ahead.values():
+        assert row["resident_before"] < 0.10 and row["cold_vs_warm"] > 0
+    cfg = res["config"]
+    assert cfg["images"] == 64 and cfg["workers"] == 1 and "commit" in res and "machine" in res
+    # the three storages hold the same bytes
+    assert rows["lmdb", "warm"]["rounds"][0]["mb_per_s"] > 0
+    assert "| lmdb | cold |" in r.stdout and "| tfrecord | fadvise |" in r.stdout
     assert png.stat().st_size > 1000

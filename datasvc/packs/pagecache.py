@@ -30,10 +30,12 @@ PAGE = mmap.PAGESIZE
 
 def drop_cache(paths) -> None:
     """Ask the kernel to drop the cached pages of ``paths``. Pages a live process has mapped
-    and touched stay (the kernel keeps mapped pages), so close readers first."""
+    and touched stay (the kernel keeps mapped pages), so close readers first; dirty pages
+    (a file just written) are written back first, since the kernel drops clean pages only."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
