@@ -404,3 +404,48 @@ def test_request_rebuilt_after_builder_deaths_then_failed(clean_pack, deaths):
             c.close()
         assert s.proc.poll() is None
         assert _wait_builders(s.endpoint, deaths)["builder_restarts"] == deaths
+
+
+# --- bounded work --------------------------------------------------------------------------
+
+
+def _tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def test_oversized_request_refused_by_name_without_memory(server):
+    """4096 images at 1024 px (12 GiB) and an eval resize of 4096: error replies that name the
+    limit, and the server's memory does not move."""
+    before = _tree_rss_mb(server.pid)
+    c = BatchClient(server.endpoint, request_timeout=5, dead_after=10)
+    try:
+        limits = c.call("ping")["limits"]
+        assert limits["max_batch_mb"] == 256 and limits["max_eval_resize"] == 2048
+        huge = BatchRequest("pack", "train", True, 1024, 0, 0, 0, 1, 4096, 0)
+        with pytest.raises(
+            RemoteError, match=r"limit: .*12288 MiB, over the server's --max-batch-mb 256"
+        ):
+            list(c.fetch([huge]))
+        from datasvc.augment import TransformConfig
+
+        wide = TransformConfig(train=False, image_size=64, eval_resize=4096)
+        resize = BatchRequest("pack", "val", False, 64, 0, 0, 0, 1, 4, 0, transform=wide)
+        with pytest.raises(
+            RemoteError, match=r"eval resize 4096 px is over the server's --max-eval-resize 2048"
+        ):
+            list(c.fetch([resize]))
+    finally:
+        c.close()
+    assert abs(_tree_rss_mb(server.pid) - before) < 50
+
+
+def test_client_fails_before_asking_over_the_limits(server):
+    before = _stats(server.endpoint)["errors"]
+    with pytest.raises(
+        RemoteError, match=r"tcp://127.0.0.1:\d+: a batch of 2048 images at 1024x1024 px"
+    ):
+        remote(server.endpoint, batch_size=2048, image_size=1024)
+    assert _stats(server.endpoint)["errors"] == before, "the server was never asked"

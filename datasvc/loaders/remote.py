@@ -16,7 +16,7 @@ from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, renamed
 from datasvc.memory import recycle_large_allocations
 from datasvc.service.client import BatchClient, CurveKeys, RemoteError
-from datasvc.service.protocol import BatchRequest
+from datasvc.service.protocol import BatchRequest, Limits, ProtocolError
 
 #: Where a remote batch is decoded: by the server (uint8 batches), or here by DALI.
 DecodeMode = Literal["server", "dali_cpu", "dali_gpu"]
@@ -26,8 +26,8 @@ DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 @register_loader("remote")
 class RemoteLoader(Loader):
     """Options: ``pack`` (its name on the server, required), ``credits`` (requests in flight
-    per endpoint; default: the first server's batch builders + 2, so none of them waits for
-    the next request), ``request_timeout``, ``dead_after`` (seconds with no answer before raising),
+    per endpoint; default: what the first server grants, its builders + 2 unless started with
+    ``--credits``, so none of them waits for the next request), ``request_timeout``, ``dead_after`` (seconds with no answer before raising),
     ``decode`` ('server', 'dali_cpu', 'dali_gpu'), ``curve_client_key``/``curve_server_key``
     (key files from ``datasvc keys``), ``pin_memory``, ``num_workers`` (DALI's threads when
     decoding here; ``workers`` is its deprecated name)."""
@@ -68,24 +68,16 @@ class RemoteLoader(Loader):
         )
         try:
             pong = self.client.call("ping")
-            packs = pong["packs"]
-            if credits is None:
-                self.client.credits = max(2, int(pong.get("workers", 0)) + 2)
-            if pack not in packs:
-                raise KeyError(f"server has no pack {pack!r}; it serves {sorted(packs)}")
-            if split not in packs[pack]:
-                raise KeyError(f"pack {pack!r} has no split {split!r}; splits {list(packs[pack])}")
+            super().__init__(self._split_size(pong, pack, split), **common)
+            self.pack_name = pack
+            self.split_name = split
+            self.decode = decode
+            self.limits = Limits.from_dict(pong.get("limits"))
+            self._fit_server(credits)
         except BaseException:
             self.client.close()
             raise
-        super().__init__(
-            packs[pack][split],
-            **common,
-        )
-        self.pack_name = pack
-        self.split_name = split
         self.classes: list[str] = pong.get("classes", {}).get(pack, [])
-        self.decode = decode
         self.pin_memory = pin_memory
         self.num_workers = num_workers or 1
         self.device_id = device_id
@@ -95,6 +87,29 @@ class RemoteLoader(Loader):
             import_dali()
             if decode == "dali_gpu":
                 self.device_id = require_gpu(device_id)
+
+    @staticmethod
+    def _split_size(pong: dict, pack: str, split: str) -> int:
+        packs = pong["packs"]
+        if pack not in packs:
+            raise KeyError(f"server has no pack {pack!r}; it serves {sorted(packs)}")
+        if split not in packs[pack]:
+            raise KeyError(f"pack {pack!r} has no split {split!r}; splits {list(packs[pack])}")
+        return packs[pack][split]
+
+    def _fit_server(self, credits: int | None) -> None:
+        """Take the server's credits unless given; fail here, before asking, on a request the
+        server's advertised limits refuse."""
+        if self.limits is None:  # a server that does not advertise limits
+            if credits is None:
+                self.client.credits = 2
+            return
+        if credits is None:
+            self.client.credits = self.limits.credits
+        try:
+            self.limits.check(self._requests(0, 1)[0])
+        except ProtocolError as e:
+            raise RemoteError(e.code, f"{self.client.endpoints[0].address}: {e}") from None
 
     def _requests(self, start: int, end: int) -> list[BatchRequest]:
         s = self.sampler

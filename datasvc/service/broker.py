@@ -35,6 +35,7 @@ from datasvc.service.builders import (
 from datasvc.service.protocol import (
     MAX_REQUEST_BYTES,
     BatchRequest,
+    Limits,
     ProtocolError,
     error_header,
     pack_header,
@@ -147,7 +148,7 @@ class BrokerConfig:
     log_interval: float = 10.0
     max_queue: int = 1024
     hwm: int = 64
-    max_batch_mb: int = 64
+    limits: Limits = field(default_factory=Limits)
 
 
 def _pack_sizes(packs: dict) -> tuple[dict, dict]:
@@ -179,9 +180,9 @@ class Broker:
         # Process builders hand batches over in shared slots (no copy, no GIL) and matched
         # threads on a 2-core machine (BENCHMARKS.md); threads remain an option.
         self.engine = "process" if c.engine == "auto" else c.engine
-        # Batches up to this size are written into shared slots (address space is reserved,
-        # memory is used only as far as batches reach); larger ones travel as fresh arrays.
-        self.slot_bytes = c.max_batch_mb << 20
+        # Every batch the limits allow fits a slot (address space is reserved for all slots;
+        # memory is used only as far as batches reach).
+        self.slot_bytes = c.limits.max_batch_mb << 20
         self.sizes, self.classes = _pack_sizes(c.packs)
         self.stats = Stats()
         self.endpoint = None
@@ -435,7 +436,7 @@ class Broker:
             images = self.ring.send_frame(task.builder, slot, n_bytes)
             out = [msgpack.packb(header, use_bin_type=True), images, *buffers]
         else:
-            self.ring.give_back(task.builder, task.slot)  # an error or oversized batch
+            self.ring.give_back(task.builder, task.slot)  # an error or encoded samples
             out = [head, *buffers]
         cs = self.stats.clients[task.client]
         if "listings" in header:
@@ -500,12 +501,14 @@ class Broker:
                 "packs": self.sizes,
                 "classes": self.classes,
                 "workers": self.config.builders,
+                "limits": self.config.limits.as_dict(),
             }
         )
 
     def _check(self, req: BatchRequest) -> None:
         from datasvc.sampling import EpochSampler
 
+        self.config.limits.check(req)
         if req.pack not in self.sizes:
             raise ProtocolError(
                 "pack", f"unknown pack {req.pack!r}; served: {', '.join(sorted(self.sizes))}"

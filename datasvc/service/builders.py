@@ -100,14 +100,10 @@ def build_batch(split, ids: np.ndarray, req: BatchRequest, images, labels) -> di
     return {}
 
 
-def batch_reply(split, ids, req: BatchRequest, rid, ring, slot) -> list:
-    """A decoded batch: header, then (images unless written into ``slot``), labels, ids."""
+def batch_reply(split, ids, req: BatchRequest, rid, ring, slot: int) -> list:
+    """A decoded batch written into ``slot``: header (naming the slot), labels, ids."""
     s = req.image_size
-    shape = (len(ids), s, s, 3)
-    in_ring = slot is not None and int(np.prod(shape)) <= ring.slot_bytes
-    # Out of the ring: a fresh array per batch, which leaves without a copy while libzmq may
-    # still hold it as the next batch is built.
-    images = ring.images(slot, shape) if in_ring else np.empty(shape, np.uint8)
+    images = ring.images(slot, (len(ids), s, s, 3))
     labels = np.empty(len(ids), np.int64)
     extra = build_batch(split, ids, req, images, labels)
     head = {
@@ -119,11 +115,10 @@ def batch_reply(split, ids, req: BatchRequest, rid, ring, slot) -> list:
         "layout": "NHWC",
         "batch": req.batch,
         "epoch": req.epoch,
-        "slot": slot if in_ring else None,
+        "slot": slot,
         **extra,
     }
-    ids = np.ascontiguousarray(ids, np.int64)
-    return [head, labels, ids] if in_ring else [head, images, labels, ids]
+    return [head, labels, np.ascontiguousarray(ids, np.int64)]
 
 
 def samples_reply(split, ids, req: BatchRequest, rid) -> list:
@@ -184,7 +179,7 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ctx = zmq.Context(1)
-    recycle_large_allocations()  # a fresh batch array per reply: reuse heap, not new pages
+    recycle_large_allocations()  # decode scratch buffers: reuse heap, not new pages
     opened = {name: open_pack(path) for name, path in packs.items()}
     listings = Listings()
     sock = ctx.socket(zmq.DEALER)
@@ -198,7 +193,7 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
             if frames[0] == STOP:
                 return
             _, task, request, slot = frames
-            reply = build_reply(opened, listings, request, ring, int(slot) if slot else None)
+            reply = build_reply(opened, listings, request, ring, int(slot))
             sock.send_multipart([DONE, task, *reply], copy=False)
     finally:
         sock.close(0)

@@ -24,6 +24,13 @@ OPS: tuple[str, ...] = get_args(Op)
 WIRE_KEYS = {"world_size": "world"}
 
 
+#: Defaults of the work a server accepts per request (``datasvc serve --max-batch-mb`` and
+#: ``--max-eval-resize``): a decoded batch of at most 256 MiB (n x S x S x 3 bytes), an eval
+#: resize (shorter side before the center crop) of at most 2048 px.
+DEFAULT_MAX_BATCH_MB = 256
+DEFAULT_MAX_EVAL_RESIZE = 2048
+
+
 class ProtocolError(Exception):
     """A request the server refuses; ``code`` is a short machine-readable name."""
 
@@ -159,3 +166,48 @@ def request_header(req: BatchRequest, request_id: int) -> bytes:
 def error_header(request_id, code: str, message: str) -> bytes:
     rid = request_id if isinstance(request_id, int) else None
     return pack_header({"id": rid, "ok": False, "error": code, "message": message[:2000]})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost a server: advertised in ping, checked by the server on every
+    request and by clients before they ask. ``credits``: requests a client may have queued or
+    being built at once (more are answered "busy")."""
+
+    max_batch_mb: int = DEFAULT_MAX_BATCH_MB
+    max_eval_resize: int = DEFAULT_MAX_EVAL_RESIZE
+    credits: int = 4
+
+    def as_dict(self) -> dict:
+        return {
+            "max_batch_mb": self.max_batch_mb,
+            "max_eval_resize": self.max_eval_resize,
+            "credits": self.credits,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Limits | None:
+        """A ping's ``limits`` (None from a server too old to send them)."""
+        if not isinstance(d, dict):
+            return None
+        return cls(**{k: int(d[k]) for k in ("max_batch_mb", "max_eval_resize", "credits")})
+
+    def check(self, req: BatchRequest) -> None:
+        """Raise ``ProtocolError("limit", ...)`` naming the limit that ``req`` exceeds."""
+        s = req.image_size
+        nbytes = req.batch_size * s * s * 3
+        if req.op == "batch" and nbytes > self.max_batch_mb << 20:
+            raise ProtocolError(
+                "limit",
+                f"a batch of {req.batch_size} images at {s}x{s} px is {nbytes / 2**20:.0f} MiB, "
+                f"over the server's --max-batch-mb {self.max_batch_mb} (ask for fewer or "
+                "smaller images, or start the server with a larger --max-batch-mb)",
+            )
+        resize = req.transform_config().resize_shorter
+        if not req.train and resize > self.max_eval_resize:
+            raise ProtocolError(
+                "limit",
+                f"eval resize {resize} px is over the server's --max-eval-resize "
+                f"{self.max_eval_resize} (ask for a smaller eval_resize, or start the server "
+                "with a larger --max-eval-resize)",
+            )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from datasvc.service.broker import Broker, BrokerConfig
+from datasvc.service.protocol import DEFAULT_MAX_BATCH_MB, DEFAULT_MAX_EVAL_RESIZE, Limits
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,22 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--max-batch-mb",
         type=int,
-        default=64,
-        help="largest batch that builders hand over in shared memory (bigger: fresh arrays)",
+        default=DEFAULT_MAX_BATCH_MB,
+        help="refuse decoded batches over this size, n x S x S x 3 bytes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-eval-resize",
+        type=int,
+        default=DEFAULT_MAX_EVAL_RESIZE,
+        help="refuse eval requests whose resize (shorter side before the center crop) is over "
+        "this many px (default: %(default)s)",
+    )
+    p.add_argument(
+        "--credits",
+        type=int,
+        default=None,
+        help="requests one client may have queued or being built at once; more are answered "
+        "'busy' (default: the builders + 2)",
     )
 
 
@@ -69,18 +84,19 @@ def _log_to_stderr() -> None:
 
 def main(a) -> int:
     _log_to_stderr()
+    builders = a.workers or len(os.sched_getaffinity(0))
     try:
         broker = Broker(
             BrokerConfig(
                 packs=parse_pack_args(a.packs),
                 bind=a.bind,
-                builders=a.workers or len(os.sched_getaffinity(0)),
+                builders=builders,
                 engine=a.engine,
                 curve_secret=a.curve_secret,
                 curve_allow=a.curve_allow,
                 insecure=a.insecure,
                 log_interval=a.log_interval,
-                max_batch_mb=a.max_batch_mb,
+                limits=Limits(a.max_batch_mb, a.max_eval_resize, a.credits or builders + 2),
             )
         )
     except (ValueError, KeyError, OSError) as e:
