@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -132,19 +133,22 @@ def check_output_place(src: Path, out: Path) -> None:
         )
 
 
-def _make_state_dir(out: Path) -> Path:
-    state = out / STATE_DIR
+def check_writable(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be written, leaving nothing behind: a file
+    is made and removed in ``out`` or, when it does not exist yet, its nearest ancestor."""
+    folder = out
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
     try:
-        (state / "done").mkdir(parents=True, exist_ok=True)
-        probe = state / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        if not folder.is_dir():
+            raise NotADirectoryError(0, "not a folder", str(folder))
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as e:
         raise ConversionError(
             f"{out}: cannot write there ({e.strerror or e})",
             "choose an output folder you can write to",
         ) from None
-    return state
 
 
 def _check_plan(out: Path, plan: dict, write: bool) -> None:
@@ -249,6 +253,7 @@ def convert(
     manifest, or, for one of several array jobs, a summary of this job's shards."""
     src, out = Path(src), Path(out)
     check_output_place(src, out)
+    check_writable(out)
     cfg = _resolve_layout(cfg)
     opts = source or SourceOptions(tuple(splits) if splits else None, val_labels, val_synsets)
     planned = make_plan(src, cfg, opts)
@@ -259,7 +264,7 @@ def convert(
         return manifest
     if finalize:
         return finalize_pack(src, out, cfg, planned)
-    _make_state_dir(out)
+    (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
     _check_plan(out, planned.plan, write=True)
     for l in planned.listings:
         (out / l.name).mkdir(parents=True, exist_ok=True)

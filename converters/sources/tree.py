@@ -92,6 +92,7 @@ def list_imagefolder(root: Path, classes: list[str], name: str) -> SplitListing:
     candidates, ignored = [], []
     walk = _Walk()
     class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    walk.first_visit(str(root), walk.folders, "./")  # a link up to the split is a repeat
     for cls in class_dirs:
         if cls not in index:
             raise SourceError(f"{root}/{cls}: class folder not in the class list (train's classes)")
