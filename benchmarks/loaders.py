@@ -23,7 +23,7 @@ import psutil
 
 from benchmarks.report import bar_plot, machine, markdown_table, write_json
 
-ALL_BACKENDS = ["custom", "torch", "dali_cpu", "dali_gpu", "remote"]
+ALL_BACKENDS = ["custom", "torch", "torch_tensor", "dali_cpu", "dali_native", "dali_gpu", "remote"]
 CACHE = Path(os.environ.get("DATASVC_CACHE", Path.home() / ".cache" / "datasvc"))
 
 
@@ -224,6 +224,29 @@ def bench_backend(
     }
 
 
+# Entries that are not loader backends: a backend with other options, or DALI's own pipeline.
+VARIANTS = {"torch_tensor": ("torch", {"decode": "tensor"})}
+NOTES = {
+    "torch_tensor": "torchvision.io tensor decode (decode_jpeg for JPEGs), v2 transforms on "
+    "tensors",
+    "dali_native": "DALI's own reader, shuffle and fused image_random_crop (not our sampler: "
+    "no exactly-once, no resume)",
+}
+
+
+def bench_entry(name, source, a, workers, epochs, exclude, warmup, **kw) -> dict:
+    """``bench_backend`` for a backend or a variant; ``dali_native`` runs DALI's own pipeline
+    on the pack's TFRecord twin."""
+    if name == "dali_native":
+        from benchmarks.dali_native import bench_dali_native
+        from benchmarks.storage import tfrecord_twin
+
+        twin = tfrecord_twin(source, a.split)
+        return bench_dali_native(twin, a, workers, epochs, warmup, TreeMonitor(exclude=exclude))
+    backend, options = VARIANTS.get(name, (name, {}))
+    return bench_backend(backend, source, a, workers, epochs, exclude, warmup, **options, **kw)
+
+
 def run(a) -> dict:
     """Backends and the decode limit are measured round-robin, ``repeats`` rounds, so that
     whatever else the machine does weighs on all of them alike; ratios are taken within a
@@ -263,7 +286,7 @@ def run(a) -> dict:
                 # 3 timed epochs a round: ~1.5 s of work, so start-up noise weighs little;
                 # round 1 also shows that memory stays flat.
                 other = server.pid if server is not None and backend != "remote" else None
-                r = bench_backend(backend, source, a, workers, 3, other, a.warmup, **kw)
+                r = bench_entry(backend, source, a, workers, 3, other, a.warmup, **kw)
                 r["limit"], r["plain"] = limits[-1], plain[-1]
                 runs[backend].append(r)
                 msg = (
@@ -324,16 +347,20 @@ def run(a) -> dict:
             import nvidia.dali
 
             row["dali"] = f"DALI {nvidia.dali.__version__}, {workers} threads"
+        if backend in NOTES:
+            row["note"] = NOTES[backend] + (f"; {row['dali']}" if "dali" in row else "")
         if backend == "remote":
             row.update(server_stats)
         row["_per_round"] = per_round
         results.append(row)
     ok = {r["backend"]: r for r in results if r["status"] == "ok"}
+    refs = {k: ok[k]["_per_round"] for k in ("dali_cpu", "dali_native") if k in ok}
+    torches = [ok[k]["_per_round"] for k in ("torch", "torch_tensor") if k in ok]
+    if torches:  # the torch baseline is the stronger of PIL and tensor decode, round by round
+        refs["torch"] = [max(xs) for xs in zip(*torches)]
     for r in ok.values():
-        for ref in ("torch", "dali_cpu"):
-            if ref in ok:
-                ratios = [x / y for x, y in zip(r["_per_round"], ok[ref]["_per_round"])]
-                r[f"vs_{ref}"] = statistics.median(ratios)
+        for ref, ys in refs.items():
+            r[f"vs_{ref}"] = statistics.median(x / y for x, y in zip(r["_per_round"], ys))
     for r in ok.values():
         r.pop("_per_round")
     config = {
@@ -366,6 +393,7 @@ COLUMNS = [
     ("vs_plain_decode", "vs plain decode"),
     ("vs_torch", "vs torch"),
     ("vs_dali_cpu", "vs dali_cpu"),
+    ("vs_dali_native", "vs dali_native"),
     ("cpu_util", "CPU util"),
     ("peak_rss_mb", "peak MB"),
     ("reason", "note"),
@@ -376,11 +404,14 @@ def format_table(res: dict) -> str:
     rows = []
     for r in res["results"]:
         row = dict(r)
-        for k in ("vs_decode_limit", "vs_plain_decode", "vs_torch", "vs_dali_cpu", "cpu_util"):
+        ratios = ("vs_decode_limit", "vs_plain_decode", "vs_torch", "vs_dali_cpu", "vs_dali_native")
+        for k in (*ratios, "cpu_util"):
             if k in row:
                 row[k] = f"{row[k]:.2f}"
         if r["status"] != "ok":
             row["reason"] = f"unavailable: {r['reason']}"
+        elif r.get("note"):
+            row["reason"] = r["note"]
         elif r.get("pil"):
             row["reason"] = r["pil"]
         elif r.get("dali"):

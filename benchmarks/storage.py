@@ -93,6 +93,23 @@ def export_folder(src, out: Path, split: str) -> Path:
     return out
 
 
+def _cache_root(source) -> Path:
+    key = hashlib.sha1(os.path.realpath(source).encode()).hexdigest()[:10]
+    return CACHE / "bench-io" / f"{Path(source).name}-{key}"
+
+
+def tfrecord_twin(pack, split: str) -> Path:
+    """``pack`` itself when it is a TFRecord pack, otherwise its TFRecord mirror (cached)."""
+    from datasvc.packs import MANIFEST_NAME, open_pack
+
+    if open_pack(pack).manifest["format"] == "tfrecord":
+        return Path(pack)
+    out = _cache_root(pack) / "tfrecord"
+    if not (out / MANIFEST_NAME).exists():
+        mirror_pack(pack, "tfrecord", out, split)
+    return out
+
+
 def _builtin_tree(root: Path) -> Path:
     from datasvc.sample import write_sample
 
@@ -113,8 +130,7 @@ def storage_set(source: str | None, split: str) -> dict[str, Path]:
     from datasvc.packs import MANIFEST_NAME, open_pack
 
     if source:
-        key = hashlib.sha1(os.path.realpath(source).encode()).hexdigest()[:10]
-        root = CACHE / "bench-io" / f"{Path(source).name}-{key}"
+        root = _cache_root(source)
     else:
         root = CACHE / "bench-io" / "sample-2000"
     root.mkdir(parents=True, exist_ok=True)

@@ -284,3 +284,20 @@ def test_mode_options_are_checked_against_their_literal_types(clean_pack):
     assert ENGINES == ("process", "thread") and "server" in DECODE_MODES and "ping" in OPS
     with pytest.raises(ValueError, match="engine must be one of"):
         make("custom", clean_pack, engine="fiber")
+
+
+def test_torch_tensor_decode_matches_pil_decode(clean_pack):
+    """decode='tensor' (torchvision.io) gives the same ids and labels as PIL decode, and the
+    same pictures up to the two decoders' and resizers' rounding (eval: no randomness)."""
+    pil = collect(make("torch", clean_pack, split="val", train=False))
+    ten = collect(make("torch", clean_pack, split="val", train=False, decode="tensor"))
+    assert len(pil) == len(ten) > 0
+    for a, b in zip(pil, ten):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)
+        assert a.images.shape == b.images.shape and b.images.dtype == torch.uint8
+        diff = (a.images.float() - b.images.float()).abs().mean().item()
+        assert diff < 4.0, diff
+    train = collect(make("torch", clean_pack, decode="tensor"), limit=2)
+    assert tuple(train[0].images.shape) == (8, 3, 64, 64)
+    with pytest.raises(ValueError, match="tensor"):
+        make("torch", clean_pack, decode="gpu")

@@ -29,8 +29,12 @@ def pil_info() -> str:
     return f"pillow {PIL.__version__}" + (" (SIMD build)" if ".post" in PIL.__version__ else "")
 
 
-def build_transform(cfg: TransformConfig):
-    """The torchvision v2 pipeline of a ``TransformConfig``: PIL image → uint8 CHW tensor."""
+DECODES = ("pil", "tensor")
+
+
+def build_transform(cfg: TransformConfig, decode: str = "pil"):
+    """The torchvision v2 pipeline of a ``TransformConfig``: PIL image (``decode='pil'``) or
+    uint8 CHW tensor (``'tensor'``) → uint8 CHW tensor."""
     from torchvision.transforms import v2
 
     if cfg.train:
@@ -40,15 +44,25 @@ def build_transform(cfg: TransformConfig):
         ]
     else:
         ops = [v2.Resize(cfg.resize_shorter, antialias=True), v2.CenterCrop(cfg.image_size)]
-    return v2.Compose([*ops, v2.PILToTensor()])
+    return v2.Compose([*ops, v2.PILToTensor()] if decode == "pil" else ops)
+
+
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """JPEG (or PNG) bytes → uint8 RGB CHW tensor, by torchvision.io (libjpeg-turbo)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_image(raw, mode=ImageReadMode.RGB)
 
 
 class PackDataset(torch.utils.data.Dataset):
-    """A pack split as a torchvision-style dataset: PIL decode, v2 transforms, uint8 CHW."""
+    """A pack split as a torchvision-style dataset: PIL or tensor decode, v2 transforms,
+    uint8 CHW."""
 
-    def __init__(self, split, transform):
+    def __init__(self, split, transform, decode: str = "pil"):
         self.split = split
         self.transform = transform
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.split)
@@ -57,6 +71,8 @@ class PackDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         s = self.split[i]
+        if self.decode == "tensor":
+            return self.transform(decode_tensor(s.image)), s.label, i
         img = Image.open(io.BytesIO(s.image)).convert("RGB")
         return self.transform(img), s.label, i
 
@@ -64,10 +80,14 @@ class PackDataset(torch.utils.data.Dataset):
 class FolderDataset(torch.utils.data.Dataset):
     """A raw ImageFolder tree through ``torchvision.datasets.ImageFolder``."""
 
-    def __init__(self, root, transform):
+    def __init__(self, root, transform, decode: str = "pil"):
         from torchvision.datasets import ImageFolder
 
-        self.ds = ImageFolder(root)
+        # tensor decode reads the file's bytes; PIL decode is ImageFolder's own loader
+        loader = (
+            (lambda path: decode_tensor(Path(path).read_bytes())) if decode == "tensor" else None
+        )
+        self.ds = ImageFolder(root, loader=loader) if loader else ImageFolder(root)
 
         self.transform = transform
 
@@ -104,8 +124,9 @@ class _CursorBatches:
 @register_loader("torch")
 class TorchLoader(Loader):
     """torchvision + DataLoader with ``num_workers`` processes (persistent across epochs);
-    ``prefetch_factor`` and ``pin_memory`` are the DataLoader's. ``workers`` is the deprecated
-    name of ``num_workers``."""
+    ``prefetch_factor`` and ``pin_memory`` are the DataLoader's; ``decode`` is 'pil' (PIL or
+    pillow-simd) or 'tensor' (``torchvision.io.decode_image``: libjpeg-turbo into a tensor, and
+    the v2 transforms on tensors). ``workers`` is the deprecated name of ``num_workers``."""
 
     backend = "torch"
 
@@ -117,18 +138,22 @@ class TorchLoader(Loader):
         num_workers: int | None = None,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        decode: str = "pil",
         workers: int | None = None,
         **common,
     ):
         num_workers = renamed("workers", "num_workers", workers, num_workers)
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        self.decode = decode
         source = Path(source)
         if (source / MANIFEST_NAME).exists():
-            self.dataset = PackDataset(open_pack(source).split(split), None)
+            self.dataset = PackDataset(open_pack(source).split(split), None, decode)
         else:
             root = source / split if (source / split).is_dir() else source
-            self.dataset = FolderDataset(root, None)
+            self.dataset = FolderDataset(root, None, decode)
         super().__init__(len(self.dataset), **common)
-        self.dataset.transform = build_transform(self.cfg)
+        self.dataset.transform = build_transform(self.cfg, decode)
         self.num_workers = default_workers() if num_workers is None else num_workers
         self._batch_sampler = _CursorBatches(self.sampler)
         kw = {}
