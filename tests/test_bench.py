@@ -24,7 +24,7 @@ def test_bench_writes_json_table_and_plot(clean_pack, tmp_path):
         "bench",
         str(clean_pack),
         "--backends",
-        "custom,torch,dali_gpu,remote",
+        "custom,torch,torch_tensor,dali_native,dali_gpu,remote",
         "--repeats",
         "1",
         "--warmup",
@@ -44,12 +44,18 @@ def test_bench_writes_json_table_and_plot(clean_pack, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     by = {x["backend"]: x for x in res["results"]}
-    assert set(by) == {"custom", "torch", "dali_gpu", "remote"}
-    for name in ("custom", "torch", "remote"):
+    assert set(by) == {"custom", "torch", "torch_tensor", "dali_native", "dali_gpu", "remote"}
+    for name in ("custom", "torch", "torch_tensor", "remote"):
         row = by[name]
         assert row["status"] == "ok" and row["images_per_s"] > 0
         assert 0 < row["cpu_util"] <= 1.5 and row["peak_rss_mb"] > 0
         assert len(row["memory_mb_per_epoch"]) == 4  # warm-up + 3 timed epochs
+    assert "tensor decode" in by["torch_tensor"]["note"]
+    if by["dali_native"]["status"] == "ok":  # DALI installed (the default extras)
+        assert by["dali_native"]["images_per_s"] > 0 and "own reader" in by["dali_native"]["note"]
+        assert by["custom"]["vs_dali_native"] > 0
+    else:
+        assert "DALI" in by["dali_native"]["reason"]
     assert by["dali_gpu"]["status"] == "unavailable" or by["dali_gpu"]["status"] == "ok"
     if by["dali_gpu"]["status"] == "unavailable":
         assert by["dali_gpu"]["reason"]
