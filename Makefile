@@ -30,9 +30,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# ruff, and the import layers of DESIGN.md (contracts in pyproject.toml's [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/datasvc bench --json $(OUT)/bench.json --plot $(OUT)/bench.png

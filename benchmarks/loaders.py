@@ -21,29 +21,10 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.cli import add_arguments
 from benchmarks.report import bar_plot, machine, markdown_table, write_json
 
-ALL_BACKENDS = ["custom", "torch", "torch_tensor", "dali_cpu", "dali_native", "dali_gpu", "remote"]
 CACHE = Path(os.environ.get("DATASVC_CACHE", Path.home() / ".cache" / "datasvc"))
-
-
-def add_arguments(p) -> None:
-    p.add_argument("pack", nargs="?", help="pack to read (default: the built-in sample, cached)")
-    p.add_argument("--backends", default=",".join(ALL_BACKENDS))
-    p.add_argument("--split", default="train")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="worker processes/threads (default: the cores this process may use)",
-    )
-    p.add_argument("--repeats", type=int, default=3, help="rounds over all backends")
-    p.add_argument("--warmup", type=int, default=2, help="untimed epochs per backend and round")
-    p.add_argument("--eval", action="store_true", help="eval transform instead of train")
-    p.add_argument("--json", default=None, help="write results as JSON")
-    p.add_argument("--plot", default=None, help="write a PNG bar chart")
 
 
 def sample_pack() -> Path:
@@ -251,6 +232,9 @@ def run(a) -> dict:
     """Backends and the decode limit are measured round-robin, ``repeats`` rounds, so that
     whatever else the machine does weighs on all of them alike; ratios are taken within a
     round and their median reported."""
+    from datasvc.memory import recycle_large_allocations
+
+    recycle_large_allocations()  # as the trainer does in its own process (see there)
     pack = str(a.pack or sample_pack())
     workers = a.workers or len(os.sched_getaffinity(0))
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]

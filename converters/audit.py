@@ -5,6 +5,7 @@ cannot be trusted, with a reason."""
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -12,11 +13,16 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from datasvc.decode import JPEG_LAYOUTS, DecodeError, segment_interval, transcode_segmented
+from converters.layout import JPEG_LAYOUTS, segment_interval, transcode_segmented
+from datasvc.decode import DecodeError
 
-# PIL's own bomb check is replaced by the explicit cap below, which rejects instead of raising.
-Image.MAX_IMAGE_PIXELS = None
-cv2.setNumThreads(1)
+
+def pil_pixel_limit() -> int:
+    """The largest image PIL opens at all: past it, its decompression-bomb guard raises (past
+    half of it, it warns). The audit leaves the guard on for the process; its own cap,
+    ``AuditConfig.max_pixels``, must be within this limit and rejects with a reason."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 2**62
+
 
 _FORMAT_KIND = {
     "PNG": "png",
@@ -32,7 +38,7 @@ _FORMAT_KIND = {
 @dataclass(frozen=True)
 class AuditConfig:
     """How the audit treats images: an optional longest side, JPEG quality, pixel cap, and
-    the layout JPEGs are stored in (``datasvc.decode.JPEG_LAYOUTS``)."""
+    the layout JPEGs are stored in (``converters.layout.JPEG_LAYOUTS``)."""
 
     max_side: int | None = None
     quality: int = 95
@@ -44,6 +50,11 @@ class AuditConfig:
             raise ValueError(f"max_side must be at least 16, got {self.max_side}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if not 1 <= self.max_pixels <= pil_pixel_limit():
+            raise ValueError(
+                f"max_pixels must be in 1..{pil_pixel_limit()} (PIL's decompression-bomb limit, "
+                f"which stays on), got {self.max_pixels}"
+            )
         if self.jpeg_layout not in JPEG_LAYOUTS:
             raise ValueError(
                 f"jpeg_layout must be one of {', '.join(JPEG_LAYOUTS)}, got {self.jpeg_layout!r}"
@@ -172,9 +183,13 @@ def audit_image(data: bytes, cfg: AuditConfig) -> Audited:
             _check_size(width, height, cfg)
             return _audit_rgb_jpeg(data, height, width, cfg)
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the audit's own cap decides (PIL's warns at half)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise Rejected("not an image (unrecognised content)") from None
+    except Image.DecompressionBombError as e:
+        raise Rejected(f"decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - a damaged header
         raise Rejected(f"corrupt header: {e}") from None
     width, height = img.size
@@ -183,7 +198,9 @@ def audit_image(data: bytes, cfg: AuditConfig) -> Audited:
     if fmt == "JPEG" and img.mode == "RGB":
         return _audit_rgb_jpeg(data, height, width, cfg)
     try:
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
         raise Rejected(f"corrupt or truncated {fmt}: {e}") from None
     if getattr(img, "n_frames", 1) > 1:

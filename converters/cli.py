@@ -1,11 +1,12 @@
-"""``datasvc convert``: its arguments and its run (wired into ``datasvc.cli``)."""
+"""``datasvc convert``: registered with the ``datasvc`` CLI through the ``datasvc.commands``
+entry point (pyproject.toml), so that the reading side never imports the converter."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
+from converters.layout import JPEG_LAYOUTS
+from datasvc.cli import Command
 from datasvc.errors import UsageError
 
 HELP = (
@@ -35,7 +36,7 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--jpeg-layout",
         default="segmented",
-        choices=["segmented", "original"],
+        choices=JPEG_LAYOUTS,
         help="segmented (default): re-encode JPEGs losslessly (same pixels) with restart "
         "markers, so that a random crop entropy-decodes only its part; original: keep the "
         "files' bytes",
@@ -63,16 +64,6 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
         action="store_true",
         help="after the array jobs: check every shard and write manifest.json",
     )
-    c.add_argument("-q", "--quiet", action="store_true")
-
-
-def _log_to_stderr(quiet: bool) -> None:
-    logger = logging.getLogger("converters")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("datasvc convert: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _config(a):
@@ -128,7 +119,6 @@ def summary_lines(manifest: dict) -> list[str]:
 def run(a) -> int:
     from converters.convert import convert
 
-    _log_to_stderr(a.quiet)
     cfg, opts = _config(a)
     m = convert(a.src, a.out, cfg, progress=not a.quiet, source=opts, finalize=a.finalize)
     if "splits" not in m:  # one of several array jobs
@@ -140,3 +130,6 @@ def run(a) -> int:
     print("\n".join(summary_lines(m)))
     print(f"wrote {a.out}/manifest.json")
     return 0
+
+
+COMMAND = Command(HELP, add_arguments, run)

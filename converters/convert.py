@@ -53,7 +53,7 @@ class ConvertConfig:
     max_pixels: int = 178_956_970
     strict: bool = False
     seed: int = 0  # train order is a seeded permutation; other splits keep sorted order
-    jpeg_layout: str = "segmented"  # see datasvc.decode.JPEG_LAYOUTS
+    jpeg_layout: str = "segmented"  # see converters.layout.JPEG_LAYOUTS
     engine: str = "process"  # converters.engines.ENGINES
     ray_address: str | None = None
     jobs: int = 1  # array jobs: this one writes the shards whose number = job_index mod jobs

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 from converters.shards import STATE_DIR, ShardJob, convert_shard
+from datasvc.decode import init_decode_worker
 from datasvc.lifecycle import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def _init_worker(counter, parent: int):
     die_with_parent(parent)  # a killed parent leaves no worker writing on
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    init_decode_worker()  # OpenCV single-threaded in each worker (see there)
 
 
 def _terminate_as_interrupt(signum, frame):

@@ -17,8 +17,6 @@ import simplejpeg
 from datasvc.augment import Crop, TransformConfig, eval_geometry
 from datasvc.registry import Registry
 
-cv2.setNumThreads(1)
-
 try:
     from datasvc import _jpegcrop
 except ImportError:  # the optional extension was not built
@@ -27,6 +25,14 @@ except ImportError:  # the optional extension was not built
 
 class DecodeError(ValueError):
     """Encoded bytes that do not decode."""
+
+
+def init_decode_worker() -> None:
+    """Settings for a process (or thread pool) whose workers decode and resize in parallel:
+    OpenCV single-threaded, since the workers already fill the cores and OpenCV's own pool
+    would oversubscribe them. The setting is process-wide, so workers call this when they
+    start; importing this module changes nothing."""
+    cv2.setNumThreads(1)
 
 
 def dct_scale(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
@@ -114,33 +120,6 @@ def decode_region_turbo(
             return decode_region_simplejpeg(data, top, left, h, w, s, height, width, fast)
         raise DecodeError(str(e)) from None
     return np.frombuffer(buf, np.uint8, oh * ow * 3).reshape(oh, ow, 3)
-
-
-# --- the segmented layout packs are written in -----------------------------------------
-
-#: How a conversion stores JPEGs that pass the audit: ``segmented`` re-encodes their DCT
-#: coefficients losslessly with a restart marker every few MCUs (``_jpegcrop.transcode``), so
-#: that a crop entropy-decodes only the segments it covers; ``original`` keeps the bytes.
-JPEG_LAYOUTS = ("segmented", "original")
-
-
-def segment_interval(width: int, mcu_width: int = 16) -> int:
-    """Restart interval (MCUs) of the segmented layout for an image ``width`` px wide, as
-    ``_jpegcrop.transcode`` picks it (about 8 segments per MCU row)."""
-    if _jpegcrop is None:
-        raise RuntimeError("the segmented JPEG layout needs the datasvc._jpegcrop extension")
-    return _jpegcrop.restart_interval(-(-width // mcu_width))
-
-
-def transcode_segmented(data: bytes) -> bytes:
-    """A JPEG → the same coefficients in the segmented layout (lossless). Every scan is
-    entropy-decoded on the way: corrupt or truncated data raises ``DecodeError``."""
-    if _jpegcrop is None:
-        raise RuntimeError("the segmented JPEG layout needs the datasvc._jpegcrop extension")
-    try:
-        return _jpegcrop.transcode(data)
-    except ValueError as e:
-        raise DecodeError(str(e)) from None
 
 
 # Registered only where the extension was built, rather than registered and then removed.

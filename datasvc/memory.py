@@ -18,6 +18,9 @@ def recycle_large_allocations(threshold_mb: int = 128) -> bool:
     from the heap, a freed batch's memory is reused without faults (about 0.8 ms). Peak
     memory is unchanged; freed memory returns to the heap rather than the kernel. Set
     ``DATASVC_NO_MALLOPT=1`` to leave the allocator alone. Returns whether it was applied.
+
+    The setting is process-wide, so library code calls it only in processes it owns (loader
+    workers, server builders); the trainer and ``datasvc bench`` call it for their own process.
     """
     global _done
     if _done or os.environ.get("DATASVC_NO_MALLOPT"):

@@ -1,9 +1,12 @@
-"""The CLI's small commands: sample (deterministic per seed), inspect, keys."""
+"""The CLI's small commands (sample, inspect, keys), its command registry and log levels."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import subprocess
+import sys
 
 from datasvc.cli import main
 
@@ -49,3 +52,37 @@ def test_keys_makes_a_curve_pair(tmp_path, capsys):
     sec = tmp_path / "alice.key_secret"
     assert "public-key" in pub and "secret-key" in sec.read_text()
     assert sec.stat().st_mode & 0o077 == 0  # the secret is private
+
+
+def test_every_command_is_registered_and_the_serve_path_loads_no_other_package():
+    """convert and bench come from their own packages (entry points); the parser ``datasvc
+    serve`` builds imports no converter, benchmark, trainer nor torch, while the full parser
+    declares every command's options."""
+    code = (
+        "import sys; from datasvc.cli import COMMANDS, build_parser, _command_named; "
+        "build_parser(_command_named(['serve', 'p'])).parse_args(['serve', 'p']); "
+        "print(COMMANDS.names()); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer') "
+        "or m.startswith(('benchmarks.', 'converters.')) "
+        "and m not in ('benchmarks.cli', 'converters.cli', 'converters.layout'))); "
+        "print(build_parser().parse_args(['bench', '--repeats', '1']).repeats)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    assert out[0] == str(
+        ["adopt", "bench", "convert", "inspect", "keys", "sample", "serve", "verify"]
+    )
+    assert out[1] == "[]", f"the serve path imported {out[1]}"
+    assert out[2] == "1"
+
+
+def test_verbosity_flags_set_the_log_level(tmp_path):
+    root = logging.getLogger()
+    before = root.level
+    try:
+        for flags, level in (([], logging.INFO), (["-q"], logging.WARNING), (["-vv"], 10)):
+            assert main(["keys", str(tmp_path), *flags]) == 0
+            assert root.level == level, flags
+    finally:
+        root.setLevel(before)

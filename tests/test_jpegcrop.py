@@ -28,7 +28,7 @@ import PIL.features
 import simplejpeg
 from PIL import Image
 
-from datasvc.decode import segment_interval
+from converters.layout import segment_interval
 
 # Pillow, simplejpeg and (usually) OpenCV decode with libjpeg-turbo's ISLOW IDCT and fancy
 # upsampling, as the extension does by default: their pixels match exactly.

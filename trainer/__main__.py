@@ -18,9 +18,12 @@ import sys
 
 
 def _cmd_train(a) -> int:
+    from datasvc.memory import recycle_large_allocations
     from trainer.config import load_config
     from trainer.engine import train
 
+    # This process owns its allocator: batch-sized buffers reuse heap pages (see there).
+    recycle_large_allocations()
     cfg = load_config(a.config, a.overrides)
     if a.out:
         cfg = cfg.replace({"train.out_dir": a.out})

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from datasvc.batch import Batch, fill_batch
+from datasvc.decode import init_decode_worker
 from datasvc.lifecycle import die_with_parent
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers, renamed
@@ -60,6 +61,8 @@ def _worker_main(split, cfg, seed, ring: SlotRing, decoder, tasks, results, pare
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer decides when to stop
     torch.set_num_threads(1)
+    init_decode_worker()
+    recycle_large_allocations()
     while True:
         task = tasks.get()
         if task is None:
@@ -130,7 +133,6 @@ class CustomLoader(Loader):
                 f"read_ahead must be None or one of {ADVISERS.names()}, got {read_ahead!r}"
             )
         self.engine = engine
-        recycle_large_allocations()
         self.pack = open_pack(source)
         self.split = self.pack.split(split)
         super().__init__(
@@ -218,6 +220,7 @@ class CustomLoader(Loader):
 
     def _thread_batches(self, start: int):
         if self._pool is None:
+            init_decode_worker()  # threads that decode here: OpenCV single-threaded (see there)
             self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="datasvc-custom")
         end, epoch = len(self.sampler), self.sampler.epoch
         futures = {}

@@ -14,7 +14,6 @@ from datasvc.augment import Crop
 from datasvc.batch import Batch
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, renamed
-from datasvc.memory import recycle_large_allocations
 from datasvc.service.client import BatchClient, CurveKeys, RemoteError
 from datasvc.service.protocol import BatchRequest, Limits, ProtocolError
 
@@ -27,10 +26,11 @@ DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 class RemoteLoader(Loader):
     """Options: ``pack`` (its name on the server, required), ``credits`` (requests in flight
     per endpoint; default: what the first server grants, its builders + 2 unless started with
-    ``--credits``, so none of them waits for the next request), ``request_timeout``, ``dead_after`` (seconds with no answer before raising),
-    ``decode`` ('server', 'dali_cpu', 'dali_gpu'), ``curve_client_key``/``curve_server_key``
-    (key files from ``datasvc keys``), ``pin_memory``, ``num_workers`` (DALI's threads when
-    decoding here; ``workers`` is its deprecated name)."""
+    ``--credits``, so none of them waits for the next request), ``request_timeout``,
+    ``dead_after`` (seconds with no answer before raising), ``decode`` ('server', 'dali_cpu',
+    'dali_gpu'), ``curve_client_key``/``curve_server_key`` (key files from ``datasvc keys``),
+    ``pin_memory``, ``num_workers`` (DALI's threads when decoding here; ``workers`` is its
+    deprecated name)."""
 
     backend = "remote"
 
@@ -55,7 +55,6 @@ class RemoteLoader(Loader):
         num_workers = renamed("workers", "num_workers", workers, num_workers)
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        recycle_large_allocations()
         curve = None
         if curve_client_key or curve_server_key:
             curve = CurveKeys.from_files(curve_client_key, curve_server_key)

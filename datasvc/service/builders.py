@@ -167,6 +167,7 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
     (forked before the broker made its context) makes its own and dies with ``parent``."""
     import zmq
 
+    from datasvc.decode import init_decode_worker
     from datasvc.memory import recycle_large_allocations
     from datasvc.packs import open_pack
 
@@ -180,6 +181,7 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ctx = zmq.Context(1)
     recycle_large_allocations()  # decode scratch buffers: reuse heap, not new pages
+    init_decode_worker()
     opened = {name: open_pack(path) for name, path in packs.items()}
     listings = Listings()
     sock = ctx.socket(zmq.DEALER)
