@@ -81,8 +81,10 @@ def test_verbosity_flags_set_the_log_level(tmp_path):
     root = logging.getLogger()
     before = root.level
     try:
-        for flags, level in (([], logging.INFO), (["-q"], logging.WARNING), (["-vv"], 10)):
-            assert main(["keys", str(tmp_path), *flags]) == 0
+        for k, (flags, level) in enumerate(
+            (([], logging.INFO), (["-q"], logging.WARNING), (["-vv"], logging.DEBUG))
+        ):
+            assert main(["keys", str(tmp_path), "--name", f"k{k}", *flags]) == 0
             assert root.level == level, flags
     finally:
         root.setLevel(before)
