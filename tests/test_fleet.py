@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from converters.convert import ConvertConfig, convert
 from datasvc.loaders import create_loader
+from datasvc.service.client import PackMismatchError
 from datasvc.service.local import LocalServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,3 +63,105 @@ def test_64_ranks_one_server_listing_computed_once_per_builder(small_pack):
     assert sorted(flat) == list(range(512)), "every sample exactly once over the job"
     assert {len(ids) for ids in per_rank} == {8}
     assert stats["listings_by_builder"] == {"0": 1, "1": 1}, "one listing per builder per epoch"
+
+
+def reference_batches(pack, **kw):
+    loader = create_loader(
+        "custom", pack, batch_size=4, image_size=32, seed=1, num_workers=1, engine="thread", **kw
+    )
+    with loader:
+        return [(b.ids.clone(), b.images.clone()) for b in loader]
+
+
+def consume(loader, at: int, action, pause: float = 0.03):
+    """Iterate ``loader``, calling ``action()`` after batch ``at``; pause between batches so
+    that the epoch outlasts a server's start. → (batches, requests sent per server)."""
+    got = []
+    with loader:
+        for i, b in enumerate(loader):
+            got.append((b.ids.clone(), b.images.clone()))
+            if i == at:
+                action()
+            time.sleep(pause)
+        return got, {ep.address: ep.requests for ep in loader.client.endpoints}
+
+
+def assert_same_epoch(got, reference):
+    assert len(got) == len(reference)
+    ids = [i for g, _ in got for i in g.tolist()]
+    assert len(ids) == len(set(ids)), "nothing delivered twice"
+    for (gi, gx), (ri, rx) in zip(got, reference):
+        assert torch.equal(gi, ri) and torch.equal(gx, rx), "bit-identical batches"
+
+
+def file_loader(path, **kw):
+    kw.setdefault("request_timeout", 2.0)
+    return create_loader(
+        "remote",
+        f"file:{path}",
+        pack="small",
+        batch_size=4,
+        image_size=32,
+        seed=1,
+        refresh=0.3,
+        dead_after=30,
+        **kw,
+    )
+
+
+def test_second_server_joins_mid_epoch_through_endpoints_file(small_pack, tmp_path):
+    endpoints = tmp_path / "endpoints"
+    announce = ["--announce", str(endpoints)]
+    reference = reference_batches(small_pack)
+    with LocalServer([small_pack], workers=1, extra=announce) as a:
+        second = LocalServer([small_pack], workers=1, extra=announce)
+        loader = file_loader(endpoints)
+        try:
+            got, served = consume(loader, 5, second.start)
+            assert len(endpoints.read_text().split()) == 2
+            b_stats = second.raw_stats()
+        finally:
+            second.stop()
+    assert_same_epoch(got, reference)
+    assert served[second.endpoint] > 0 and served[a.endpoint] > 0
+    assert b_stats["batches"] >= 10, "the new server serves a share of the remaining batches"
+    assert endpoints.read_text().split() == [], "each server withdrew itself on stop"
+
+
+def test_drained_server_loses_nothing(small_pack, tmp_path):
+    endpoints = tmp_path / "endpoints"
+    announce = ["--announce", str(endpoints)]
+    reference = reference_batches(small_pack)
+    with LocalServer([small_pack], workers=1, extra=announce) as a:
+        with LocalServer([small_pack], workers=1, extra=announce) as b:
+            loader = file_loader(endpoints, credits=2)
+            got, after = consume(loader, 8, b.stop)  # SIGTERM: b withdraws and stops
+        assert endpoints.read_text().split() == [a.endpoint]
+    assert_same_epoch(got, reference)
+    assert b.endpoint not in after, "the drained server was dropped from the job"
+
+
+def test_one_job_one_pack(small_pack, clean_pack, tmp_path):
+    endpoints = tmp_path / "endpoints"
+    with LocalServer([small_pack], workers=1, extra=["--announce", str(endpoints)]):
+        # the same name, another pack: must not feed this job
+        with LocalServer([f"small={clean_pack}"], workers=1) as other:
+            loader = file_loader(endpoints)
+            with loader:
+                it = iter(loader)
+                first = [next(it) for _ in range(3)]
+                with open(endpoints, "a") as f:
+                    f.write(other.endpoint + "\n")
+                rest = []
+                for b in it:  # slowly: the file is re-read and the server answers meanwhile
+                    rest.append(b)
+                    time.sleep(0.03)
+                refused = dict(loader.client.refused)
+            other_stats = other.raw_stats()
+            t0 = time.monotonic()
+            with pytest.raises(PackMismatchError, match="has no pack 'nope'"):
+                create_loader("remote", other.endpoint, pack="nope", dead_after=30)
+            assert time.monotonic() - t0 < 10, "a server without the pack fails fast"
+    assert len(first) + len(rest) == 512 // 4
+    assert "different pack under the name 'small'" in refused[other.endpoint]
+    assert other_stats["batches"] == 0

@@ -24,13 +24,18 @@ DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 
 @register_loader("remote")
 class RemoteLoader(Loader):
-    """Options: ``pack`` (its name on the server, required), ``credits`` (requests in flight
-    per endpoint; default: what the first server grants, its builders + 2 unless started with
-    ``--credits``, so none of them waits for the next request), ``request_timeout``,
-    ``dead_after`` (seconds with no answer before raising), ``decode`` ('server', 'dali_cpu',
-    'dali_gpu'), ``curve_client_key``/``curve_server_key`` (key files from ``datasvc keys``),
-    ``pin_memory``, ``num_workers`` (DALI's threads when decoding here; ``workers`` is its
-    deprecated name)."""
+    """Options: ``pack`` (its name on the server, required; the job pins its manifest digest
+    from the first server and refuses servers whose pack differs), ``credits`` (requests in
+    flight per server; default: what each server grants, its builders + 2 unless started with
+    ``--credits``), ``request_timeout``, ``dead_after`` (seconds with no answer before
+    raising), ``refresh`` (seconds between re-reads of ``dns:``/``file:`` endpoints),
+    ``decode`` ('server', 'client', 'dali_cpu', 'dali_gpu'), ``curve_client_key``/
+    ``curve_server_key`` (key files from ``datasvc keys``), ``pin_memory``, ``num_workers``
+    (DALI's threads when decoding here; ``workers`` is its deprecated name).
+
+    ``source``: the servers, as a comma list of ``tcp://HOST:PORT``, ``dns:NAME:PORT`` (every
+    address of a name, re-resolved: a Kubernetes headless Service) or ``file:PATH`` (one
+    endpoint a line, re-read: servers started with ``--announce PATH``)."""
 
     backend = "remote"
 
@@ -49,6 +54,7 @@ class RemoteLoader(Loader):
         curve_server_key=None,
         pin_memory: bool = False,
         device_id: int | None = None,
+        refresh: float = 2.0,
         workers: int | None = None,
         **common,
     ):
@@ -60,13 +66,15 @@ class RemoteLoader(Loader):
             curve = CurveKeys.from_files(curve_client_key, curve_server_key)
         self.client = BatchClient(
             source,
-            credits=credits or 2,
+            credits=credits,
             request_timeout=request_timeout,
             dead_after=dead_after,
             curve=curve,
+            pack=pack,
+            refresh=refresh,
         )
         try:
-            pong = self.client.call("ping")
+            pong = self.client.wait_ready()
             super().__init__(self._split_size(pong, pack, split), **common)
             self.pack_name = pack
             self.split_name = split
@@ -99,12 +107,10 @@ class RemoteLoader(Loader):
     def _fit_server(self, credits: int | None) -> None:
         """Take the server's credits unless given; fail here, before asking, on a request the
         server's advertised limits refuse."""
+        # Without ``credits`` each server gets the credits it advertises (the client reads
+        # them from its ping answer as it admits it).
         if self.limits is None:  # a server that does not advertise limits
-            if credits is None:
-                self.client.credits = 2
             return
-        if credits is None:
-            self.client.credits = self.limits.credits
         try:
             self.limits.check(self._requests(0, 1)[0])
         except ProtocolError as e:

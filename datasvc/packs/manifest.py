@@ -41,6 +41,15 @@ REBUILD_HINT = (
 )
 
 
+def manifest_digest(manifest: dict) -> str:
+    """A pack's identity: SHA-256 of its manifest as canonical JSON (shard digests, counts,
+    classes and conversion options), so two servers can tell whether they serve one pack."""
+    import hashlib
+
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def read_manifest(pack_dir: str | os.PathLike) -> dict:
     """Load and validate ``pack_dir/manifest.json``; refuses unknown format versions and any
     manifest that is not valid JSON of the expected shape."""

@@ -149,17 +149,22 @@ class BrokerConfig:
     max_queue: int = 1024
     hwm: int = 64
     limits: Limits = field(default_factory=Limits)
+    announce: str | None = None  # endpoints file to add this server to while it serves
+    advertise: str | None = None  # the endpoint written there (default: the bound one)
 
 
-def _pack_sizes(packs: dict) -> tuple[dict, dict]:
+def _pack_sizes(packs: dict) -> tuple[dict, dict, dict]:
+    """Per pack name: split sizes, class list, manifest digest (advertised in ping)."""
     from datasvc.packs import open_pack
+    from datasvc.packs.manifest import manifest_digest
 
-    sizes, classes = {}, {}
+    sizes, classes, digests = {}, {}, {}
     for name, path in packs.items():
         manifest = open_pack(path).manifest
         sizes[name] = {s: v["num_samples"] for s, v in manifest["splits"].items()}
         classes[name] = list(manifest["classes"])
-    return sizes, classes
+        digests[name] = manifest_digest(manifest)
+    return sizes, classes, digests
 
 
 class Broker:
@@ -183,7 +188,7 @@ class Broker:
         # Every batch the limits allow fits a slot (address space is reserved for all slots;
         # memory is used only as far as batches reach).
         self.slot_bytes = c.limits.max_batch_mb << 20
-        self.sizes, self.classes = _pack_sizes(c.packs)
+        self.sizes, self.classes, self.digests = _pack_sizes(c.packs)
         self.stats = Stats()
         self.endpoint = None
         self._stop = False
@@ -228,6 +233,11 @@ class Broker:
         self.front = self._front_socket()
         self.front.bind(c.bind)
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.announce:
+            from datasvc.service.membership import advertised_endpoint, announce
+
+            self._announced = advertised_endpoint(self.endpoint, self.config.advertise)
+            announce(self.config.announce, self._announced)
         log.info(
             "%s packs %s workers %d%s",
             self.endpoint,
@@ -258,6 +268,11 @@ class Broker:
         return front
 
     def _close(self) -> None:
+        if getattr(self, "_announced", None):
+            from datasvc.service.membership import withdraw
+
+            withdraw(self.config.announce, self._announced)  # first: clients stop asking
+            self._announced = None
         started = self.endpoint is not None
         if self.pool is not None:
             self._stop_builders(grace=3.0 if started else 0.0)
@@ -500,6 +515,7 @@ class Broker:
                 "op": "pong",
                 "packs": self.sizes,
                 "classes": self.classes,
+                "digests": self.digests,
                 "workers": self.config.builders,
                 "limits": self.config.limits.as_dict(),
             }

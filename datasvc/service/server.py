@@ -70,6 +70,22 @@ def add_arguments(p) -> None:
         help="requests one client may have queued or being built at once; more are answered "
         "'busy' (default: the builders + 2)",
     )
+    _add_fleet_arguments(p)
+
+
+def _add_fleet_arguments(p) -> None:
+    p.add_argument(
+        "--announce",
+        metavar="FILE",
+        help="add this server's endpoint to FILE (one a line) while it serves and remove it "
+        "on stop: clients given file:FILE find it (shared storage; see the README for DNS)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="ENDPOINT",
+        help="the endpoint written by --announce (default: the bound one, with a wildcard "
+        "address replaced by this host's name)",
+    )
 
 
 def _log_to_stderr() -> None:
@@ -97,6 +113,8 @@ def main(a) -> int:
                 insecure=a.insecure,
                 log_interval=a.log_interval,
                 limits=Limits(a.max_batch_mb, a.max_eval_resize, a.credits or builders + 2),
+                announce=a.announce,
+                advertise=a.advertise,
             )
         )
     except (ValueError, KeyError, OSError) as e:
