@@ -3,6 +3,8 @@ window stays within its bound, and the page-cache tools really make a pack cold.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,14 @@ from datasvc.loaders import create_loader
 from datasvc.packs import lmdb as lmdb_format
 from datasvc.packs import open_pack
 from datasvc.packs.pagecache import PAGE, drop_cache, resident_fraction, resident_pages
-from datasvc.packs.readahead import ADVISERS, ReadAhead, merge_ranges, record_spans
+from datasvc.packs.readahead import (
+    ADVISERS,
+    AheadOfRequests,
+    ReadAhead,
+    batch_ranges,
+    merge_ranges,
+    record_spans,
+)
 from datasvc.sampling import EpochSampler
 
 METHODS = [m for m in ("fadvise", "madvise", "thread", "io_uring") if m in ADVISERS]
@@ -140,3 +149,60 @@ def test_cold_means_cold(pack):
         path.read_bytes()
     assert resident_fraction(split.shard_paths) > 0.9
     assert make_cold(split) < 0.1
+
+
+def _has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.dali
+@pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed")
+def test_dali_feeder_read_ahead_same_batches(lmdb_pack):
+    def epoch(read_ahead):
+        kw = dict(batch_size=8, image_size=48, num_workers=1, seed=3, read_ahead=read_ahead)
+        with create_loader("dali_cpu", lmdb_pack, **kw) as loader:
+            return [(b.ids.clone(), b.images.clone()) for b in loader]
+
+    split = open_pack(lmdb_pack).split("train")
+    make_cold(split)
+    plain = epoch(None)
+    make_cold(split)
+    ahead = epoch("fadvise")
+    assert len(plain) == len(ahead) > 0
+    assert all(
+        np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(plain, ahead)
+    )
+
+
+def test_builders_read_ahead_the_next_requests(pack):
+    """A builder building batch b advises batches b+1..b+depth of the same listing, once: on a
+    cold pack their records come in, and nothing past the window."""
+    split = open_pack(pack).split("train")
+    sampler = EpochSampler(len(split), 4, seed=1)
+    ahead = AheadOfRequests(method="fadvise", depth=2)
+    assert make_cold(split) < 0.1
+    try:
+        ahead.after(split, sampler, ("stream",), 0)
+        ahead.after(split, sampler, ("stream",), 0)  # a second builder: nothing new
+        assert ahead._frontier[("stream",)] == 2
+    finally:
+        ahead.close()
+    wanted = [r for b in (1, 2) for r in batch_ranges(split, sampler.batch(b), {})]
+    paths = split.shard_paths
+    deadline = time.monotonic() + 10  # WILLNEED starts the reads; give them time to land
+    while time.monotonic() < deadline and not all(_cached(paths[k], o, n) for k, o, n in wanted):
+        time.sleep(0.05)
+    assert all(_cached(paths[k], o, n) for k, o, n in wanted)
+    resident = sum(resident_pages(p)[0] for p in paths) * PAGE
+    window = sum(n for _, _, n in wanted)
+    assert resident <= window + 2 * PAGE * len(wanted) + 16 * PAGE * len(paths)
+
+
+def _cached(path, off: int, n: int) -> bool:
+    resident, pages = resident_pages(path, off, n)
+    return resident == pages

@@ -17,6 +17,7 @@ from datasvc.batch import Batch
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.packs import open_pack
+from datasvc.packs.readahead import read_ahead_for
 
 INSTALL_HINT = (
     "NVIDIA DALI is not installed: pip install 'datasvc[dali]' "
@@ -182,8 +183,10 @@ class DaliLoader(Loader):
     """A DALI pipeline per epoch pass, fed batch by batch from the sampler's listing.
 
     ``num_workers`` is DALI's thread count; ``prefetch_factor`` its prefetch queue depth (DALI's
-    threads build one batch together, so this is the batches in flight, default 2). ``workers``
-    and ``prefetch`` are their deprecated names."""
+    threads build one batch together, so this is the batches in flight, default 2);
+    ``read_ahead`` (default 'fadvise', or None) names the next batches' records to the kernel
+    while the feeder reads the current one. ``workers`` and ``prefetch`` are their deprecated
+    names."""
 
     device = "cpu"
 
@@ -195,6 +198,7 @@ class DaliLoader(Loader):
         num_workers: int | None = None,
         device_id: int | None = None,
         prefetch_factor: int | None = None,
+        read_ahead: str | None = "fadvise",
         workers: int | None = None,
         prefetch: int | None = None,
         **common,
@@ -211,20 +215,38 @@ class DaliLoader(Loader):
         )
         self.num_workers = max(1, num_workers or default_workers())
         self.prefetch_factor = max(1, prefetch_factor or 2)
+        self.read_ahead = read_ahead
+        self._spans: dict = {}
 
     def _inputs(self, start: int, end: int, epoch: int):
+        ra = read_ahead_for(
+            self.split, self.sampler, start, end, self.read_ahead, spans=self._spans
+        )
+        try:
+            for b in range(start, end):
+                if ra is not None:
+                    ra.fill()  # the feeder reads batch b; the kernel fetches the next ones
+                inputs = self._batch_inputs(b, epoch)
+                if ra is not None:
+                    ra.done(b)
+                yield inputs
+        finally:
+            if ra is not None:
+                ra.close()
+
+    def _batch_inputs(self, b: int, epoch: int) -> tuple:
+        """External-source inputs of batch ``b``: its samples' bytes and crop geometry."""
         cfg = self.cfg
-        for b in range(start, end):
-            ids = self.sampler.batch(b)
-            samples = [self.split[int(i)] for i in ids]
-            if cfg.train:
-                geo = [
-                    train_crop(cfg, self.seed, epoch, int(i), s.height, s.width)
-                    for i, s in zip(ids, samples)
-                ]
-            else:
-                geo = [eval_geometry(cfg, s.height, s.width) for s in samples]
-            yield dali_inputs(cfg, [s.image for s in samples], [s.label for s in samples], ids, geo)
+        ids = self.sampler.batch(b)
+        samples = [self.split[int(i)] for i in ids]
+        if cfg.train:
+            geo = [
+                train_crop(cfg, self.seed, epoch, int(i), s.height, s.width)
+                for i, s in zip(ids, samples)
+            ]
+        else:
+            geo = [eval_geometry(cfg, s.height, s.width) for s in samples]
+        return dali_inputs(cfg, [s.image for s in samples], [s.label for s in samples], ids, geo)
 
     def _batches(self, start: int):
         end = len(self.sampler)

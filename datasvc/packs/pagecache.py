@@ -41,26 +41,29 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
-def resident_pages(path) -> tuple[int, int]:
-    """(pages of ``path`` in the page cache, pages in the file), from ``mincore``."""
+def resident_pages(path, offset: int = 0, length: int | None = None) -> tuple[int, int]:
+    """(pages in the page cache, pages) of ``path``, or of bytes ``[offset, offset + length)``
+    of it, from ``mincore`` over a read-only mapping."""
     size = os.path.getsize(path)
-    pages = -(-size // PAGE)
-    if size == 0:
+    end = size if length is None else min(size, offset + length)
+    start = offset - offset % PAGE
+    if end <= start:
         return 0, 0
+    pages = -(-(end - start) // PAGE)
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        addr = _libc.mmap(None, end - start, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
         if addr in (None, _MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, f"mmap {path}: {os.strerror(err)}")
         try:
             vec = ctypes.create_string_buffer(pages)
-            if _libc.mincore(addr, size, vec) != 0:
+            if _libc.mincore(addr, end - start, vec) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"mincore {path}: {os.strerror(err)}")
             resident = sum(b & 1 for b in vec.raw)
         finally:
-            _libc.munmap(addr, size)
+            _libc.munmap(addr, end - start)
     finally:
         os.close(fd)
     return resident, pages

@@ -26,10 +26,12 @@ import mmap
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 
+from datasvc.packs.manifest import PackError
 from datasvc.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,20 @@ def create_adviser(method: str, paths: list) -> Adviser:
 # --- the window ----------------------------------------------------------------------------
 
 
+def batch_ranges(split, ids, spans: dict) -> list[tuple[int, int, int]]:
+    """(shard, offset, length) of the records ``ids`` of ``split``; ``spans`` caches each
+    shard's ``record_spans``."""
+    ranges = []
+    for sid in ids:
+        shard, local = split.locate(int(sid))
+        table = spans.get(shard)
+        if table is None:
+            table = spans[shard] = record_spans(split.shard(shard))
+        off, n = table[local]
+        ranges.append((shard, int(off), int(n)))
+    return ranges
+
+
 class ReadAhead:
     """Advises the records of batches ``start, start + 1, ... end - 1`` ahead of their use.
 
@@ -213,21 +229,18 @@ class ReadAhead:
         self.advised_bytes = 0
         self._spans = {} if spans is None else spans  # shard → record_spans, reusable
 
-    def _ranges(self, ids) -> list[tuple[int, int, int]]:
-        ranges = []
-        for sid in ids:
-            shard, local = self.split.locate(int(sid))
-            spans = self._spans.get(shard)
-            if spans is None:
-                spans = self._spans[shard] = record_spans(self.split.shard(shard))
-            off, n = spans[local]
-            ranges.append((shard, int(off), int(n)))
-        return ranges
-
     def fill(self) -> None:
-        """Advise further batches while the window has room."""
+        """Advise further batches while the window has room. Read-ahead never fails a read:
+        on a shard it cannot map (damage is the reader's to report) it turns itself off."""
+        try:
+            self._fill()
+        except (OSError, PackError) as e:
+            log.warning("read-ahead off for this epoch: %s", e)
+            self.next = self.end
+
+    def _fill(self) -> None:
         while self.next < self.end:
-            ranges = self._ranges(self.batch_ids(self.next))
+            ranges = batch_ranges(self.split, self.batch_ids(self.next), self._spans)
             nbytes = sum(n for _, _, n in ranges)
             if self.window and self.window_bytes + nbytes > self.max_bytes:
                 return
@@ -262,3 +275,49 @@ def read_ahead_for(
         max_bytes=max_bytes or DEFAULT_MAX_BYTES,
         spans=spans,
     )
+
+
+class AheadOfRequests:
+    """Read-ahead for a server's builders, which see one request at a time: building batch
+    ``b`` of a listing, advise batches ``b + 1 .. b + depth`` of the same listing (those its
+    client asks for next), each once per builder. Per stream of requests the window is
+    ``depth`` batches; at most ``streams`` streams are tracked (least recent dropped)."""
+
+    def __init__(self, method: str = "fadvise", depth: int = 4, streams: int = 256):
+        self.method, self.depth, self.streams = method, depth, streams
+        self._frontier: OrderedDict = OrderedDict()  # stream key → last batch advised
+        self._splits: dict[int, tuple] = {}  # id(split) → (split, adviser, spans)
+
+    def _adviser(self, split) -> tuple:
+        entry = self._splits.get(id(split))
+        if entry is None or entry[0] is not split:
+            entry = self._splits[id(split)] = (
+                split,
+                create_adviser(self.method, split.shard_paths),
+                {},
+            )
+        return entry
+
+    def after(self, split, sampler, key, b: int) -> None:
+        """Batch ``b`` of ``sampler``'s listing (stream ``key``) is being built. Never fails
+        the build: a shard that cannot be mapped is the reader's to report."""
+        try:
+            self._after(split, sampler, key, b)
+        except (OSError, PackError) as e:
+            log.warning("read-ahead skipped for batch %d: %s", b + 1, e)
+
+    def _after(self, split, sampler, key, b: int) -> None:
+        last = max(self._frontier.pop(key, b), b)
+        upto = min(len(sampler) - 1, b + self.depth)
+        if upto > last:
+            _, adviser, spans = self._adviser(split)
+            for nb in range(last + 1, upto + 1):
+                adviser.advise(merge_ranges(batch_ranges(split, sampler.batch(nb), spans)))
+        self._frontier[key] = max(last, upto)
+        while len(self._frontier) > self.streams:
+            self._frontier.popitem(last=False)
+
+    def close(self) -> None:
+        for _, adviser, _ in self._splits.values():
+            adviser.close()
+        self._splits.clear()

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from datasvc.packs.readahead import AheadOfRequests
 from datasvc.service.protocol import BatchRequest, error_header, pack_header, parse_request
 
 log = logging.getLogger(__name__)
@@ -140,14 +141,18 @@ def samples_reply(split, ids, req: BatchRequest, rid) -> list:
     return [{**head, "epoch": req.epoch, "meta": meta}, b"".join(images)]
 
 
-def build_reply(opened: dict, listings: Listings, frame: bytes, ring, slot) -> list:
-    """One request frame → the reply frames (header bytes first); errors become error replies."""
+def build_reply(opened: dict, listings: Listings, frame: bytes, ring, slot, ahead=None) -> list:
+    """One request frame → the reply frames (header bytes first); errors become error replies.
+    ``ahead`` (an ``AheadOfRequests``) reads ahead the batches the client asks for next."""
     t0 = time.perf_counter()
     header, req = parse_request([frame])
     rid = header.get("id")
     try:
         split = opened[req.pack].split(req.split)
-        ids = listings.get(req, len(split)).batch(req.batch)
+        sampler = listings.get(req, len(split))
+        ids = sampler.batch(req.batch)
+        if ahead is not None:
+            ahead.after(split, sampler, req.key(), req.batch)
         if req.op == "samples":
             reply = samples_reply(split, ids, req, rid)
         else:
@@ -184,6 +189,7 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
     init_decode_worker()
     opened = {name: open_pack(path) for name, path in packs.items()}
     listings = Listings()
+    ahead = AheadOfRequests()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.routing_id = builder_identity(index)
@@ -195,9 +201,10 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
             if frames[0] == STOP:
                 return
             _, task, request, slot = frames
-            reply = build_reply(opened, listings, request, ring, int(slot))
+            reply = build_reply(opened, listings, request, ring, int(slot), ahead)
             sock.send_multipart([DONE, task, *reply], copy=False)
     finally:
+        ahead.close()
         sock.close(0)
         if own_ctx:
             ctx.term()
