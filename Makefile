@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
-EXTRAS ?= test,dali
+EXTRAS ?= all
 PILLOW_SIMD ?= 1
 
 .PHONY: install demo test lint bench clean

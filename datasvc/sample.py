@@ -50,7 +50,14 @@ _SIZE_P = np.array([30, 12, 12, 5, 8, 5, 6, 6, 6, 4, 6], float)
 
 
 def _load_photos() -> list[np.ndarray]:
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        raise UsageError(
+            "datasvc sample cuts its images from the photos scikit-image ships, and "
+            "scikit-image is not installed",
+            "pip install 'datasvc[sample]'",
+        ) from None
 
     root = Path(skimage.data.__file__).parent
     photos = []

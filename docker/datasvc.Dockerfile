@@ -10,9 +10,8 @@ COPY datasvc datasvc
 COPY converters converters
 COPY trainer trainer
 COPY benchmarks benchmarks
-# The service runs no models: point PIP_INDEX_URL at a CPU-only torch index to keep the
-# image small (docker build --build-arg PIP_INDEX_URL=...).
-ARG PIP_INDEX_URL
+# The base install only: packs, conversion, the server and the CPU decoders, no torch (the
+# service runs no models; tests/test_install.py checks this set serves a converted pack).
 RUN pip install --no-cache-dir . \
  && python -c "import datasvc.decode as d; print('crop-aware decoder:', d.CROP_DECODER)"
 RUN useradd --create-home datasvc

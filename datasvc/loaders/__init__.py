@@ -8,6 +8,14 @@ names: ``num_workers``, ``prefetch_factor`` (batches in flight per worker), ``pi
 
 from __future__ import annotations
 
+try:
+    import torch  # noqa: F401 - every backend hands out torch tensors
+except ImportError as e:
+    raise ImportError(
+        f"datasvc.loaders needs torch, which the base install leaves out: "
+        f"pip install 'datasvc[torch]' ({e})"
+    ) from None
+
 from datasvc.loaders.base import renamed
 from datasvc.registry import Registry
 
