@@ -44,7 +44,7 @@ def cut_batch(
         jpeg, moved = cut_train_crop(sample.image, crop, cfg.image_size, cfg.fast_decode)
         if jpeg is not sample.image:
             h, w = _cut_size(jpeg)
-        meta.append([int(sid), int(sample.label), len(jpeg), h, w, *moved[:4], int(moved.flip)])
+        meta.append([int(sid), int(sample.label), h, w, len(jpeg), *moved[:4], int(moved.flip)])
         jpegs.append(jpeg)
     return meta, jpegs
 
@@ -68,7 +68,7 @@ def decode_batch(
     view = memoryview(blob)
     offset = 0
     ids = np.empty(len(meta), np.int64)
-    for i, (sid, label, nbytes, h, w, top, left, ch, cw, flip) in enumerate(meta):
+    for i, (sid, label, h, w, nbytes, top, left, ch, cw, flip) in enumerate(meta):
         if offset + nbytes > len(view):
             raise ValueError(f"sample {sid}: {nbytes} bytes announced past the reply's end")
         jpeg = view[offset : offset + nbytes]

@@ -165,3 +165,47 @@ def test_one_job_one_pack(small_pack, clean_pack, tmp_path):
     assert len(first) + len(rest) == 512 // 4
     assert "different pack under the name 'small'" in refused[other.endpoint]
     assert other_stats["batches"] == 0
+
+
+def test_crop_segment_transport_same_pixels_whole_epoch(clean_pack):
+    """decode="client": the server sends each train crop's restart segments and the client
+    decodes them; a whole epoch equals server decoding bit for bit, in under half the bytes."""
+    runs = {}
+    with LocalServer([clean_pack], workers=1) as server:
+        for mode in ("server", "client"):
+            loader = create_loader(
+                "remote",
+                server.endpoint,
+                pack="pack",
+                batch_size=8,
+                image_size=224,
+                seed=3,
+                decode=mode,
+                num_workers=2,
+            )
+            with loader:
+                loader.set_epoch(1)
+                batches = [(b.ids.clone(), b.images.clone(), b.labels.clone()) for b in loader]
+                runs[mode] = batches, loader.client.bytes_received
+        stats = server.raw_stats()
+    (server_batches, server_bytes), (client_batches, client_bytes) = runs["server"], runs["client"]
+    assert len(client_batches) == len(server_batches) == 64 // 8
+    for (ai, ax, al), (bi, bx, bl) in zip(server_batches, client_batches):
+        assert torch.equal(ai, bi) and torch.equal(al, bl)
+        assert torch.equal(ax, bx), "crop segments decode to the server's pixels"
+    assert client_bytes < server_bytes / 2, (client_bytes, server_bytes)
+    assert stats["errors"] == 0
+
+
+def test_crop_segments_refused_for_eval_requests(clean_pack):
+    from datasvc.service.client import BatchClient, RemoteError
+    from datasvc.service.protocol import BatchRequest
+
+    with LocalServer([clean_pack], workers=1) as server:
+        client = BatchClient(server.endpoint, pack="pack", dead_after=10)
+        try:
+            req = BatchRequest("pack", "val", False, 64, 0, 0, 0, 1, 4, 0, "segments")
+            with pytest.raises(RemoteError, match="for train requests"):
+                list(client.fetch([req]))
+        finally:
+            client.close()

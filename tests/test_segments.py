@@ -61,3 +61,25 @@ def test_eval_is_refused_and_bad_replies_raise(clean_pack):
         decode_batch(meta, b"".join(jpegs)[:-10], cfg, images, labels)
     with pytest.raises(ValueError, match="announced for a batch"):
         decode_batch(meta, b"".join(jpegs), cfg, images[:1], labels[:1])
+
+
+def test_cutting_decodes_nothing(clean_pack, monkeypatch):
+    """The server's half walks markers only: with every decoding entry point broken it still
+    cuts the whole batch."""
+
+    class CutOnly:
+        cut_segments = staticmethod(decode._jpegcrop.cut_segments)
+        info = staticmethod(decode._jpegcrop.info)
+
+        def __getattr__(self, name):
+            raise AssertionError(f"_jpegcrop.{name} called while cutting")
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded while cutting")
+
+    split = open_pack(clean_pack).split("train")
+    monkeypatch.setattr(decode, "_jpegcrop", CutOnly())
+    monkeypatch.setattr(decode, "decode_full", no_decoding)
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", no_decoding)
+    meta, jpegs = cut_batch(split, np.arange(16), TransformConfig(train=True), 0, 0)
+    assert len(meta) == len(jpegs) == 16

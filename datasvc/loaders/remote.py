@@ -18,7 +18,7 @@ from datasvc.service.client import BatchClient, CurveKeys, RemoteError
 from datasvc.service.protocol import BatchRequest, Limits, ProtocolError
 
 #: Where a remote batch is decoded: by the server (uint8 batches), or here by DALI.
-DecodeMode = Literal["server", "dali_cpu", "dali_gpu"]
+DecodeMode = Literal["server", "client", "dali_cpu", "dali_gpu"]
 DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 
 
@@ -88,7 +88,7 @@ class RemoteLoader(Loader):
         self.pin_memory = pin_memory
         self.num_workers = num_workers or 1
         self.device_id = device_id
-        if decode != "server":
+        if decode in ("dali_cpu", "dali_gpu"):
             from datasvc.loaders.dali import import_dali, require_gpu
 
             import_dali()
@@ -118,7 +118,7 @@ class RemoteLoader(Loader):
 
     def _requests(self, start: int, end: int) -> list[BatchRequest]:
         s = self.sampler
-        op = "batch" if self.decode == "server" else "samples"
+        op = self._op()
         return [
             BatchRequest(
                 self.pack_name,
@@ -137,14 +137,24 @@ class RemoteLoader(Loader):
             for b in range(start, end)
         ]
 
+    def _op(self) -> str:
+        """Decoded batches from the server, crop segments (train with ``decode="client"``;
+        eval is always decoded there), or whole encoded samples for DALI."""
+        if self.decode == "server" or (self.decode == "client" and not self.cfg.train):
+            return "batch"
+        return "segments" if self.decode == "client" else "samples"
+
     def _batches(self, start: int):
         end = len(self.sampler)
         if start >= end:
             return
         replies = self.client.fetch(self._requests(start, end))
-        if self.decode == "server":
+        op = self._op()
+        if op == "batch":
             for header, frames in replies:
                 yield self._decoded(header, frames)
+        elif op == "segments":
+            yield from self._decode_segments(replies)
         else:
             from datasvc.loaders.dali import run_pipeline
 
@@ -171,6 +181,35 @@ class RemoteLoader(Loader):
         labels = torch.frombuffer(frames[2].buffer, dtype=torch.int64)
         ids = torch.frombuffer(frames[3].buffer, dtype=torch.int64)
         return Batch(images.permute(0, 3, 1, 2), labels, ids)
+
+    def _decode_segments(self, replies):
+        """Crop-segment replies → batches, decoded here (``num_workers`` threads: libjpeg
+        releases the GIL), in order, a few batches ahead."""
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="datasvc-segments") as pool:
+            ahead: collections.deque = collections.deque()
+            for header, frames in replies:
+                ahead.append(pool.submit(self._segments_batch, header, frames))
+                if len(ahead) > self.num_workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+
+    def _segments_batch(self, header: dict, frames) -> Batch:
+        from datasvc.segments import decode_batch
+
+        n, s = header["n"], self.cfg.image_size
+        images = torch.empty((n, s, s, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
+        labels = torch.empty(n, dtype=torch.int64)
+        try:
+            ids = decode_batch(
+                header["meta"], frames[1].buffer, self.cfg, images.numpy(), labels.numpy()
+            )
+        except ValueError as e:
+            raise RemoteError("malformed", f"crop-segment reply: {e}") from None
+        return Batch(images.permute(0, 3, 1, 2), labels, torch.from_numpy(ids))
 
     def _encoded(self, header: dict, frames):
         from datasvc.loaders.dali import dali_inputs

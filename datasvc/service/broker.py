@@ -529,6 +529,8 @@ class Broker:
             raise ProtocolError(
                 "pack", f"unknown pack {req.pack!r}; served: {', '.join(sorted(self.sizes))}"
             )
+        if req.op == "segments" and not req.train:
+            raise ProtocolError("field", "op 'segments' is for train requests; eval is decoded")
         splits = self.sizes[req.pack]
         if req.split not in splits:
             raise ProtocolError(

@@ -122,6 +122,16 @@ def batch_reply(split, ids, req: BatchRequest, rid, ring, slot: int) -> list:
     return [head, labels, np.ascontiguousarray(ids, np.int64)]
 
 
+def segments_reply(split, ids, req: BatchRequest, rid) -> list:
+    """Per image the restart segments that cover its train crop, as a small JPEG, and the crop
+    moved into it (``decode="client"``): no decoding here, only marker walking."""
+    from datasvc.segments import cut_batch
+
+    meta, jpegs = cut_batch(split, ids, req.transform_config(), req.seed, req.epoch)
+    head = {"id": rid, "ok": True, "op": "segments", "n": len(ids), "batch": req.batch}
+    return [{**head, "epoch": req.epoch, "meta": meta}, b"".join(jpegs)]
+
+
 def samples_reply(split, ids, req: BatchRequest, rid) -> list:
     """Encoded samples plus their crop parameters, for clients that decode on their GPU."""
     from datasvc.augment import eval_geometry, train_crop
@@ -155,6 +165,8 @@ def build_reply(opened: dict, listings: Listings, frame: bytes, ring, slot, ahea
             ahead.after(split, sampler, req.key(), req.batch)
         if req.op == "samples":
             reply = samples_reply(split, ids, req, rid)
+        elif req.op == "segments":
+            reply = segments_reply(split, ids, req, rid)
         else:
             reply = batch_reply(split, ids, req, rid, ring, slot)
     except Exception as e:  # noqa: BLE001 - reported to the client, the builder lives on

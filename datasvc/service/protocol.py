@@ -17,8 +17,10 @@ MAX_BATCH = 4096
 MAX_IMAGE_SIZE = 1024
 MAX_WORLD = 65536
 #: What a request asks for: ``batch`` decoded uint8 images; ``samples`` encoded bytes + crops;
-#: ``stats`` the server's counters; ``ping`` its packs and limits.
-Op = Literal["batch", "samples", "stats", "ping"]
+#: ``segments`` (train only) per image the restart segments covering its crop, as a small JPEG,
+#: with the crop moved into it (``datasvc.segments``); ``stats`` the server's counters; ``ping``
+#: its packs and limits.
+Op = Literal["batch", "samples", "segments", "stats", "ping"]
 OPS: tuple[str, ...] = get_args(Op)
 #: Python field name → its shorter key on the wire (the header keeps protocol version 1's keys).
 WIRE_KEYS = {"world_size": "world"}
