@@ -17,7 +17,7 @@ import zmq
 
 from datasvc.loaders import create_loader
 from datasvc.packs import open_pack
-from datasvc.service.client import BatchClient, NoServerError, RemoteError
+from datasvc.service.client import AuthenticationError, BatchClient, NoServerError, RemoteError
 from datasvc.service.local import LocalServer
 from datasvc.service.protocol import PROTOCOL_VERSION, BatchRequest, request_header
 
@@ -259,15 +259,22 @@ def test_curve_refuses_unknown_key(tmp_path, clean_pack):
             curve_server_key=server_pub,
         )
         assert len(run(ok, 2)) == 2
-        with pytest.raises(NoServerError):
-            remote(
-                s.endpoint,
-                curve_client_key=str(tmp_path / "strangers" / "mallory.key_secret"),
-                curve_server_key=server_pub,
-                dead_after=3.0,
-            )
-        with pytest.raises(NoServerError):  # and plain TCP gets nothing either
-            remote(s.endpoint, dead_after=3.0)
+        stranger = str(tmp_path / "strangers" / "mallory.key_secret")
+        cases = {
+            "refused this client's CURVE key": dict(curve_server_key=server_pub),
+            "the server key given is not this server's": dict(
+                curve_server_key=str(tmp_path / "strangers" / "mallory.key")
+            ),
+        }
+        for message, keys in cases.items():
+            t0 = time.monotonic()
+            with pytest.raises(AuthenticationError, match=f"{s.endpoint} .*{message}"):
+                remote(s.endpoint, curve_client_key=stranger, dead_after=30.0, **keys)
+            assert time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        with pytest.raises(AuthenticationError, match="refused this plain .* it expects CURVE"):
+            remote(s.endpoint, dead_after=30.0)  # plain TCP to a CURVE server
+        assert time.monotonic() - t0 < 5
 
 
 def test_refuses_plain_tcp_beyond_loopback(clean_pack, tmp_path):
@@ -308,6 +315,14 @@ def _stats(endpoint) -> dict:
     c = BatchClient(endpoint, dead_after=10)
     try:
         return c.call("stats")["stats"]
+    finally:
+        c.close()
+
+
+def _ping_limits(endpoint) -> dict:
+    c = BatchClient(endpoint, dead_after=10)
+    try:
+        return c.call("ping")["limits"]
     finally:
         c.close()
 
@@ -396,7 +411,8 @@ def test_request_rebuilt_after_builder_deaths_then_failed(clean_pack, deaths):
                 )
             else:
                 with pytest.raises(
-                    RemoteError, match=r"crash: 3 builders died building batch 0 of pack/train"
+                    RemoteError,
+                    match=r"crash: tcp://\S+: 3 builders died building batch 0 of pack/train",
                 ):
                     list(c.fetch([req]))
         finally:
@@ -449,3 +465,37 @@ def test_client_fails_before_asking_over_the_limits(server):
     ):
         remote(server.endpoint, batch_size=2048, image_size=1024)
     assert _stats(server.endpoint)["errors"] == before, "the server was never asked"
+
+
+# --- fairness ------------------------------------------------------------------------------
+
+
+def test_greedy_client_gets_busy_others_finish(clean_pack):
+    """A client that asks 10x its credits and never reads gets "busy" for the excess; three
+    normal clients beside it finish their epochs with the right batches."""
+    with LocalServer([clean_pack], workers=2) as s:
+        credits = _ping_limits(s.endpoint)["credits"]
+        ctx = zmq.Context()
+        greedy = ctx.socket(zmq.DEALER)
+        greedy.linger = 0
+        greedy.connect(s.endpoint)
+        for i in range(10 * credits):
+            req = BatchRequest("pack", "train", True, 64, 7, 0, 0, 1, 8, i % 8)
+            greedy.send(request_header(req, i + 1))
+        expected = [b.ids.tolist() for b in run(remote(s.endpoint, seed=0))]
+        results: dict[int, list] = {}
+
+        def normal(r: int) -> None:
+            results[r] = [b.ids.tolist() for b in run(remote(s.endpoint, seed=0))]
+
+        threads = [threading.Thread(target=normal, args=(r,)) for r in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        st = _stats(s.endpoint)
+        greedy.close(0)
+        ctx.term()
+    assert [results.get(r) for r in range(3)] == [expected] * 3
+    assert st["busy"] >= 5 * credits
+    assert max(c["busy"] for c in st["clients"].values()) == st["busy"], "only the greedy one"

@@ -3,8 +3,8 @@ tasks and hands them to idle builders, then sends each builder's reply to its cl
 images straight from the shared slot, without a copy). The broker keeps no progress state: a
 request names everything that determines its batch, so any builder (or server) can build it.
 
-Per-client state (counters) lives in a bounded table; a client that has been quiet longest is
-forgotten first.
+Clients are served round-robin within their credits (``clients.py``); builders are supervised
+(``builders.py``) and write into the shared slot ring (``slots.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from datasvc.service.builders import (
     builder_identity,
     builder_index,
 )
+from datasvc.service.clients import ClientTable, FairQueue
 from datasvc.service.protocol import (
     MAX_REQUEST_BYTES,
     BatchRequest,
@@ -46,44 +47,8 @@ from datasvc.service.slots import SlotRing
 log = logging.getLogger(__name__)
 
 SLOTS_PER_BUILDER = 2  # one batch being sent while the next is built
-MAX_CLIENTS = 1024  # per-client counters kept; the quietest client is forgotten beyond this
 MAX_BUILD_DEATHS = 3  # builders that died holding one request: then it fails (no crash loop)
 RECENT_DEATHS = 10  # builder deaths listed in stats
-
-
-@dataclass
-class ClientStats:
-    requests: int = 0
-    batches: int = 0
-    images: int = 0
-    bytes: int = 0
-    errors: int = 0
-
-
-class ClientTable:
-    """Per-client state by ZeroMQ identity, at most ``size`` entries (least recently seen
-    forgotten first), so clients that come and go cannot grow the broker without bound."""
-
-    def __init__(self, size: int = MAX_CLIENTS):
-        self.size = size
-        self._d: collections.OrderedDict[bytes, ClientStats] = collections.OrderedDict()
-        self.forgotten = 0
-
-    def __getitem__(self, identity: bytes) -> ClientStats:
-        entry = self._d.get(identity)
-        if entry is None:
-            entry = self._d[identity] = ClientStats()
-            if len(self._d) > self.size:
-                self._d.popitem(last=False)
-                self.forgotten += 1
-        self._d.move_to_end(identity)
-        return entry
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def as_dict(self) -> dict:
-        return {k.hex(): vars(v) for k, v in self._d.items()}
 
 
 @dataclass
@@ -93,6 +58,7 @@ class Stats:
     images: int = 0
     bytes: int = 0
     errors: int = 0
+    busy: int = 0  # requests answered "busy"
     busy_s: float = 0.0
     clients: ClientTable = field(default_factory=ClientTable)
     # builder index → epoch listings its process has computed (from its latest reply)
@@ -110,6 +76,7 @@ class Stats:
             "images": self.images,
             "bytes": self.bytes,
             "errors": self.errors,
+            "busy": self.busy,
             "images_per_s": round(self.images / up, 1),
             "bytes_per_image": round(self.bytes / self.images) if self.images else 0,
             "worker_busy": round(self.busy_s / (up * builders), 3),
@@ -192,7 +159,7 @@ class Broker:
         self.stats = Stats()
         self.endpoint = None
         self._stop = False
-        self._queue: collections.deque[Task] = collections.deque()
+        self._queue = FairQueue(self.stats.clients, c.limits.credits, c.max_queue)
         self._tasks: dict[int, Task] = {}  # by number: queued or held by a builder
         self._next_task = 0
         self._idle: collections.deque[int] = collections.deque()  # builder indices
@@ -357,7 +324,7 @@ class Broker:
         import zmq
 
         while self._idle and self._queue:
-            task = self._queue.popleft()
+            task = self._queue.pop()
             builder = self._idle.popleft()
             slot = self.ring.take(builder)
             number = b"%d" % task.number
@@ -369,7 +336,7 @@ class Broker:
             except zmq.ZMQError:
                 # Gone (its death is on its way from the spawner): the task waits for another.
                 self.ring.give_back(builder, slot)
-                self._queue.appendleft(task)
+                self._queue.push_back(task)
                 continue
             task.builder, task.slot = builder, slot
             self._holding[builder] = task
@@ -397,12 +364,13 @@ class Broker:
             if task.deaths >= MAX_BUILD_DEATHS:
                 self._fail_task(task, cause)
             else:
-                self._queue.appendleft(task)
+                self._queue.push_back(task)
         log.warning("builder %d (pid %d) died, %s, %s; replacing it", builder, pid, cause, what)
         self.pool.spawn(builder)
 
     def _fail_task(self, task: Task, cause: str) -> None:
         del self._tasks[task.number]
+        self._queue.done(task)
         self.stats.errors += 1
         self.stats.clients[task.client].errors += 1
         message = (
@@ -437,6 +405,7 @@ class Broker:
             return  # from a builder since replaced; its task went to another
         del self._holding[builder]
         del self._tasks[task.number]
+        self._queue.done(task)
         self._deliver(task, frames[3], frames[4:])
         self._maybe_idle(builder)
 
@@ -484,21 +453,24 @@ class Broker:
                 self.front.send_multipart([client, self._control_reply(header)])
                 return
             self._check(req)
-            if len(self._queue) >= self.config.max_queue:
-                raise ProtocolError(
-                    "busy", f"server queue full ({self.config.max_queue}); retry later"
-                )
+            refusal = self._queue.refusal(client)
+            if refusal:
+                self.stats.busy += 1
+                cs.busy += 1
+                self.front.send_multipart([client, error_header(rid, "busy", refusal)])
+                return
             self._enqueue(client, rid, frames[1])
         except ProtocolError as e:
             self.stats.errors += 1
             cs.errors += 1
+            rid = e.request_id if rid is None else rid
             self.front.send_multipart([client, error_header(rid, e.code, str(e))])
 
     def _enqueue(self, client: bytes, rid, frame) -> None:
         task = Task(self._next_task, client, rid, frame)
         self._next_task += 1
         self._tasks[task.number] = task
-        self._queue.append(task)
+        self._queue.push(task)
 
     def _control_reply(self, header: dict) -> bytes:
         rid = header.get("id")

@@ -8,6 +8,12 @@ answer shows it serves the job's pack (the same manifest digest as the first ser
 answered: one job, one pack), gets requests; one that leaves the spec, drains or stops
 answering gets no new ones. Exactly-once lives here: each batch index is delivered once, the
 first reply wins, and a batch lost with its server is asked again elsewhere.
+
+Only a batch is progress: a server that keeps answering "no" (busy, draining) cannot keep a
+client waiting past ``dead_after``, and any other error reply raises at once. A reply whose
+request id the server could not read is tied to the oldest request in flight on that server. A
+refused CURVE handshake (seen on the socket monitor) raises ``AuthenticationError`` naming the
+server within moments, unless another server has accepted this client.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from datasvc.errors import UserError
 from datasvc.service.membership import DEFAULT_REFRESH_S, Membership
 from datasvc.service.protocol import (
     BatchRequest,
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 
 JOINING, READY, REFUSED, LEAVING = "joining", "ready", "refused", "leaving"
 PING_EVERY_S = 1.0  # a joining server is pinged again this often (its server may restart)
+BUSY_BACKOFF_S = 0.05  # a server that answered "busy" is asked again after this long
 
 
 class RemoteError(RuntimeError):
@@ -41,8 +49,12 @@ class RemoteError(RuntimeError):
         self.code = code
 
 
-class NoServerError(ConnectionError):
-    """No endpoint answered within the configured time."""
+class NoServerError(UserError, ConnectionError):
+    """No server made progress within the configured time."""
+
+
+class AuthenticationError(UserError, ConnectionError):
+    """A server refused this client's CURVE handshake (or the client refused the server)."""
 
 
 class PackMismatchError(RemoteError):
@@ -50,6 +62,37 @@ class PackMismatchError(RemoteError):
 
     def __init__(self, message: str):
         super().__init__("pack-mismatch", message)
+
+
+def _handshake_failure(event: int, value: int, curve: bool) -> tuple[str, str] | None:
+    """A monitor event → (what went wrong, what to do), for a client with or without CURVE;
+    None for an event that is no handshake failure."""
+    import zmq
+
+    failed = (
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    )
+    if event not in failed:
+        return None
+    if not curve:
+        return (
+            "refused this plain (unencrypted) client: it expects CURVE",
+            "give curve_client_key and curve_server_key (key files from `datasvc keys`)",
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"refused this client's CURVE key (ZAP status {value})",
+            "add the client's public .key file to the server's --curve-allow folder and send "
+            "the server SIGHUP, or use a key that is on it",
+        )
+    return (
+        "failed the CURVE handshake: the server key given is not this server's, or the "
+        "server does not use CURVE",
+        "pass the server's public key file (the .key next to its --curve-secret) as "
+        "curve_server_key, or no keys for a plain server",
+    )
 
 
 @dataclass
@@ -64,9 +107,17 @@ class CurveKeys:
     def from_files(cls, client_secret_file: str, server_public_file: str) -> CurveKeys:
         from datasvc.service.auth import load_keypair
 
+        if not client_secret_file or not server_public_file:
+            raise UserError(
+                "CURVE needs both curve_client_key and curve_server_key",
+                "give the client's .key_secret file and the server's public .key file",
+            )
         pub, sec = load_keypair(client_secret_file)
         if sec is None:
-            raise ValueError(f"{client_secret_file} holds no secret key")
+            raise UserError(
+                f"{client_secret_file} holds no secret key",
+                "give the client's .key_secret file as curve_client_key",
+            )
         server, _ = load_keypair(server_public_file)
         return cls(pub, sec, server)
 
@@ -88,6 +139,7 @@ class _Endpoint:
         import zmq
 
         self.address = address
+        self.curve = curve is not None
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.sndhwm = hwm
@@ -96,6 +148,18 @@ class _Endpoint:
             self.sock.curve_publickey = curve.public
             self.sock.curve_secretkey = curve.secret
             self.sock.curve_serverkey = curve.server
+        # Handshake outcomes: a refusal is reported at once instead of waiting for dead_after.
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        )
+        self.connected = False
+        self.handshake_ok = False
+        self.handshake_failure: tuple[str, str] | None = None  # (cause, what to do)
+        self.backoff_until = 0.0  # answered "busy": not asked again before this
         self.sock.connect(address)
         self.state = JOINING
         self.pong: dict | None = None
@@ -107,6 +171,14 @@ class _Endpoint:
         self.timeouts = 0
         self.replies = 0
         self.requests = 0
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+        self.monitor.close(0)
+        self.sock.close(0)
 
 
 class BatchClient:
@@ -148,6 +220,8 @@ class BatchClient:
         self._members: dict[str, _Endpoint] = {}
         self.bytes_received = 0
         self.retries = 0
+        self.busy_replies = 0
+        self.started = time.monotonic()
         self._sync(force=True)
 
     @property
@@ -156,7 +230,7 @@ class BatchClient:
 
     def close(self) -> None:
         for ep in self._members.values():
-            ep.sock.close(0)
+            ep.close()
         self._members = {}
         self.ctx.term()
 
@@ -171,6 +245,7 @@ class BatchClient:
             if ep is None:
                 ep = self._members[address] = _Endpoint(self.ctx, address, self._curve, self._hwm)
                 self.poller.register(ep.sock, 1)  # POLLIN
+                self.poller.register(ep.monitor, 1)
                 log.info("server %s joined the job's endpoints", address)
             elif ep.state == LEAVING:
                 ep.state = JOINING  # back in the spec: admit it again once it answers
@@ -185,7 +260,8 @@ class BatchClient:
                 _send(ep.sock, pack_header({"op": "ping", "id": ep.ping_id}))
         for ep in [e for e in self._members.values() if e.state == LEAVING and not e.inflight]:
             self.poller.unregister(ep.sock)
-            ep.sock.close(0)
+            self.poller.unregister(ep.monitor)
+            ep.close()
             del self._members[ep.address]
 
     def _admit(self, ep: _Endpoint, pong: dict) -> None:
@@ -245,10 +321,7 @@ class BatchClient:
         refused = "; ".join(self.refused.values())
         if refused and self.pack is not None and not self.ready():
             raise PackMismatchError(refused)
-        raise NoServerError(
-            f"no datasvc server answered within {timeout:.0f}s at "
-            f"{', '.join(self.membership.items)}" + (f" ({refused})" if refused else "")
-        )
+        raise self._no_server("answered", deadline - timeout)
 
     # --- receiving --------------------------------------------------------------------
 
@@ -256,6 +329,9 @@ class BatchClient:
         """Read every reply that is there (waiting up to ``timeout_ms`` for the first);
         ping answers admit servers, others go to ``on_reply(ep, header, frames)``."""
         events = dict(self.poller.poll(timeout_ms))
+        for ep in list(self._members.values()):
+            if ep.monitor in events:
+                self._on_monitor(ep)
         got = False
         for ep in list(self._members.values()):
             if ep.sock not in events:
@@ -275,6 +351,49 @@ class BatchClient:
                 elif on_reply is not None:
                     on_reply(ep, header, frames)
         return got
+
+    def _on_monitor(self, ep: _Endpoint) -> None:
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        while ep.monitor.poll(0):
+            m = recv_monitor_message(ep.monitor, zmq.NOBLOCK)
+            if m["event"] == zmq.EVENT_CONNECTED:
+                ep.connected = True
+            elif m["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                ep.handshake_ok, ep.handshake_failure = True, None
+            elif ep.handshake_failure is None:
+                ep.handshake_failure = _handshake_failure(m["event"], int(m["value"]), ep.curve)
+                if ep.handshake_failure:
+                    self._on_refused(ep)
+
+    def _on_refused(self, ep: _Endpoint) -> None:
+        """Raise unless another server has accepted this client (then leave this one)."""
+        cause, hint = ep.handshake_failure
+        if not any(e.handshake_ok for e in self._members.values() if e is not ep):
+            raise AuthenticationError(f"datasvc server {ep.address} {cause}", hint)
+        log.warning("datasvc server %s %s (%s); using the other servers", ep.address, cause, hint)
+        ep.state = REFUSED
+        self.refused[ep.address] = cause
+
+    def _no_server(self, what: str, since: float) -> NoServerError:
+        """The error for no progress since ``since``: each endpoint's state, the time waited."""
+        states = []
+        for e in self._members.values():
+            if e.handshake_failure:
+                states.append(f"{e.address} ({e.handshake_failure[0]})")
+            elif not e.connected:
+                states.append(f"{e.address} (no connection)")
+            elif e.state == JOINING and e.pong is not None:
+                states.append(f"{e.address} (draining)")
+            else:
+                states.append(f"{e.address} (connected, {e.state}, no answer)")
+        where = ", ".join(states) or ", ".join(self.membership.items)
+        return NoServerError(
+            f"no datasvc server {what} in {time.monotonic() - since:.1f}s at {where}",
+            "check that `datasvc serve` runs there and the address and port are right, or "
+            "raise dead_after",
+        )
 
     # --- small requests ---------------------------------------------------------------
 
@@ -298,7 +417,7 @@ class BatchClient:
         while time.monotonic() < deadline and not answer:
             self._poll_once(100, on_reply)
         if not answer:
-            raise NoServerError(f"no datasvc server answered {op!r} within {timeout:.0f}s")
+            raise self._no_server(f"answered {op!r}", deadline - timeout)
         if not answer[0].get("ok"):
             raise RemoteError(answer[0].get("error", "?"), answer[0].get("message", ""))
         return answer[0]
@@ -306,7 +425,7 @@ class BatchClient:
     # --- batches ----------------------------------------------------------------------
 
     def _pick(self, now: float) -> _Endpoint | None:
-        free = [e for e in self.ready() if e.inflight < e.credits]
+        free = [e for e in self.ready() if e.inflight < e.credits and e.backoff_until <= now]
         if not free:
             return None
         healthy = [e for e in free if e.suspect_until <= now] or free
@@ -332,7 +451,7 @@ class _Fetch:
         self.inflight: dict[int, tuple[int, _Endpoint, float]] = {}  # rid → (index, ep, sent)
         self.done: dict[int, tuple] = {}
         self.asked: set[int] = set()
-        self.last_answer = time.monotonic()
+        self.progress = time.monotonic()  # the last batch received (error replies are not)
 
     def replies(self):
         c = self.client
@@ -340,8 +459,7 @@ class _Fetch:
         while want < len(self.requests):
             c._sync()
             self._send(want)
-            if c._poll_once(50, self._on_reply):
-                self.last_answer = time.monotonic()
+            c._poll_once(50, self._on_reply)
             self._expire()
             while want in self.done:
                 yield self.done.pop(want)
@@ -384,14 +502,18 @@ class _Fetch:
                 ep.suspect_until = now + c.request_timeout
                 if index not in self.done:
                     self.pending.appendleft(index)
-        if now - self.last_answer > c.dead_after:
-            raise NoServerError(
-                f"no datasvc server answered for {c.dead_after:.0f}s at "
-                f"{', '.join(e.address for e in c.endpoints) or ', '.join(c.membership.items)}"
-            )
+        if now - self.progress > c.dead_after:
+            raise c._no_server("delivered a batch", self.progress)
+
+    def _take(self, ep: _Endpoint, rid):
+        """The in-flight entry a reply answers: by its id, or the oldest request on ``ep``
+        when the server could not read the id (None: a late reply, already re-asked)."""
+        if rid is None:
+            rid = next((r for r, (_, e, _) in self.inflight.items() if e is ep), None)
+        return self.inflight.pop(rid, None)
 
     def _on_reply(self, ep: _Endpoint, header: dict, frames) -> None:
-        entry = self.inflight.pop(header.get("id"), None)
+        entry = self._take(ep, header.get("id"))
         if entry is None:
             return  # a late reply to a request already re-asked and answered
         index, owner, _ = entry
@@ -400,16 +522,35 @@ class _Fetch:
         owner.timeouts = 0
         owner.suspect_until = 0.0
         if not header.get("ok"):
-            code = header.get("error", "?")
-            if code in ("busy", "draining"):
-                if code == "draining" and owner.state == READY:
-                    owner.state = JOINING  # no new requests until it serves again
-                self.pending.appendleft(index)
-                return
-            raise RemoteError(code, header.get("message", ""))
+            self._on_refusal(owner, index, header)
+            return
+        self.progress = time.monotonic()
         if index not in self.done:
             self.client.bytes_received += sum(len(f.buffer) for f in frames)
             self.done[index] = (header, frames)
 
+    def _on_refusal(self, owner: _Endpoint, index: int, header: dict) -> None:
+        """An error reply: "busy" and "draining" re-ask (not progress); others raise."""
+        code = header.get("error", "?")
+        if code == "busy":
+            # Over the server's credits: fewer in flight there, asked again shortly.
+            self.client.busy_replies += 1
+            owner.credits = max(1, owner.inflight)
+            owner.backoff_until = time.monotonic() + BUSY_BACKOFF_S
+        elif code == "draining":
+            if owner.state == READY:
+                log.info("datasvc server %s is draining; using the other servers", owner.address)
+                owner.state = JOINING  # no new requests until it serves again
+        else:
+            raise RemoteError(code, f"{owner.address}: {header.get('message', '')}")
+        self.pending.appendleft(index)
 
-__all__ = ["BatchClient", "CurveKeys", "NoServerError", "PackMismatchError", "RemoteError"]
+
+__all__ = [
+    "AuthenticationError",
+    "BatchClient",
+    "CurveKeys",
+    "NoServerError",
+    "PackMismatchError",
+    "RemoteError",
+]

@@ -36,9 +36,10 @@ DEFAULT_MAX_EVAL_RESIZE = 2048
 class ProtocolError(Exception):
     """A request the server refuses; ``code`` is a short machine-readable name."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, request_id=None):
         super().__init__(message)
         self.code = code
+        self.request_id = request_id  # the request's id, when its header could be read
 
 
 @dataclass(frozen=True)
@@ -116,14 +117,24 @@ def unpack_header(frame: bytes, request: bool = True) -> dict:
 
 def parse_request(frames: list) -> tuple[dict, BatchRequest | None]:
     """Validate a client's frames → (header, BatchRequest or None for stats/ping)."""
-    if len(frames) != 1:
-        raise ProtocolError("malformed", f"a request is one frame, got {len(frames)}")
+    if not frames:
+        raise ProtocolError("malformed", "a request is one frame, got none")
     header = unpack_header(bytes(frames[0]))
+    try:
+        if len(frames) != 1:
+            raise ProtocolError("malformed", f"a request is one frame, got {len(frames)}")
+        return header, _validate(header)
+    except ProtocolError as e:
+        e.request_id = header.get("id")
+        raise
+
+
+def _validate(header: dict) -> BatchRequest | None:
     op = header.get("op")
     if op not in OPS:
         raise ProtocolError("op", f"unknown op {op!r}; valid: {', '.join(OPS)}")
     if op in ("stats", "ping"):
-        return header, None
+        return None
     fields = {}
     for name, (lo, hi) in _INT_FIELDS.items():
         key = WIRE_KEYS.get(name, name)
@@ -152,7 +163,7 @@ def parse_request(frames: list) -> tuple[dict, BatchRequest | None]:
             transform = TransformConfig.build(header["train"], fields["image_size"], transform)
         except (ValueError, TypeError) as e:
             raise ProtocolError("field", f"bad transform: {e}") from None
-    return header, BatchRequest(train=header["train"], op=op, transform=transform, **fields)
+    return BatchRequest(train=header["train"], op=op, transform=transform, **fields)
 
 
 def request_header(req: BatchRequest, request_id: int) -> bytes:

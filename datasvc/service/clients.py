@@ -1,0 +1,125 @@
+"""Per-client state in the broker: counters, credits and the round-robin queue of tasks.
+
+A client (a ZeroMQ identity) may have at most ``credits`` tasks queued or being built; the
+broker answers more with "busy" instead of queueing them, so a client that asks and never reads
+costs the others no more than its credits. Builders take tasks from clients in turn (round-robin),
+not in arrival order, so one client's burst cannot delay everyone else's next batch. The table
+holds at most ``size`` clients with nothing outstanding (least recently seen forgotten first);
+clients with outstanding tasks are bounded by the server's total queue.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+MAX_CLIENTS = 1024  # idle clients remembered (their counters); the quietest is forgotten first
+
+
+@dataclass
+class ClientState:
+    requests: int = 0
+    batches: int = 0
+    images: int = 0
+    bytes: int = 0
+    errors: int = 0
+    busy: int = 0  # requests answered "busy" (over this client's credits or a full queue)
+    outstanding: int = 0  # tasks queued or being built
+    queue: collections.deque = field(default_factory=collections.deque)
+
+    def counters(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "queue"}
+
+
+class ClientTable:
+    """ZeroMQ identity → ``ClientState``, bounded (see the module's docstring)."""
+
+    def __init__(self, size: int = MAX_CLIENTS):
+        self.size = size
+        self._d: collections.OrderedDict[bytes, ClientState] = collections.OrderedDict()
+        self.forgotten = 0
+
+    def __getitem__(self, identity: bytes) -> ClientState:
+        entry = self._d.get(identity)
+        if entry is None:
+            entry = self._d[identity] = ClientState()
+            self._forget_idle()
+        self._d.move_to_end(identity)
+        return entry
+
+    def _forget_idle(self) -> None:
+        if len(self._d) <= self.size:
+            return
+        for identity, state in self._d.items():  # oldest first
+            if not state.outstanding:
+                del self._d[identity]
+                self.forgotten += 1
+                return
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def as_dict(self) -> dict:
+        return {k.hex(): v.counters() for k, v in self._d.items()}
+
+
+class FairQueue:
+    """Tasks by client, served round-robin, each client within its ``credits``."""
+
+    def __init__(self, clients: ClientTable, credits: int, max_queued: int):
+        self.clients = clients
+        self.credits = credits
+        self.max_queued = max_queued
+        self.queued = 0
+        self._turns: collections.deque[bytes] = collections.deque()  # clients with tasks
+
+    def refusal(self, client: bytes) -> str | None:
+        """Why a new task of ``client`` is refused now ("busy"), or None."""
+        if self.clients[client].outstanding >= self.credits:
+            return (
+                f"this client already has {self.credits} requests queued or being built (the "
+                "server's --credits); ask again once replies arrive"
+            )
+        if self.queued >= self.max_queued:
+            return f"server queue full ({self.max_queued} requests); retry later"
+        return None
+
+    def push(self, task) -> None:
+        state = self.clients[task.client]
+        state.outstanding += 1
+        self._add(task, state, front=False)
+
+    def push_back(self, task) -> None:
+        """A task taken but not built (its builder died or was gone): first in line again."""
+        self._add(task, self.clients[task.client], front=True)
+
+    def _add(self, task, state: ClientState, front: bool) -> None:
+        if not state.queue:
+            if front:
+                self._turns.appendleft(task.client)
+            else:
+                self._turns.append(task.client)
+        if front:
+            state.queue.appendleft(task)
+        else:
+            state.queue.append(task)
+        self.queued += 1
+
+    def pop(self):
+        """The next client's oldest task (None when nothing is queued)."""
+        if not self._turns:
+            return None
+        client = self._turns.popleft()
+        state = self.clients[client]
+        task = state.queue.popleft()
+        if state.queue:
+            self._turns.append(client)
+        self.queued -= 1
+        return task
+
+    def done(self, task) -> None:
+        """``task`` was answered (a batch or an error): its credit is free again."""
+        self.clients[task.client].outstanding -= 1
+
+    def __bool__(self) -> bool:
+        return bool(self._turns)
