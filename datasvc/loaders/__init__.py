@@ -16,6 +16,7 @@ except ImportError as e:
         f"pip install 'datasvc[torch]' ({e})"
     ) from None
 
+from datasvc.corrupt import OnCorrupt
 from datasvc.loaders.base import renamed
 from datasvc.registry import Registry
 
@@ -39,6 +40,8 @@ def create_loader(
     world_size: int = 1,
     seed: int = 0,
     num_workers: int | None = None,
+    on_corrupt: OnCorrupt = "raise",
+    max_corrupt: int | float | None = None,
     workers: int | None = None,
     **options,
 ):
@@ -46,7 +49,11 @@ def create_loader(
     ``torch``, an ImageFolder tree; for ``remote``, endpoint(s)). ``num_workers`` are the
     processes or threads that build batches (default: one per usable core); extra ``options``
     go to the backend (e.g. ``pin_memory``, ``prefetch_factor``, ``decoder``, ``pack`` for
-    ``remote``). ``workers`` is the deprecated name of ``num_workers``."""
+    ``remote``). ``on_corrupt`` is the corrupt-record policy, the same for every backend:
+    'raise' stops at the first damaged record, 'skip' leaves it out of its batch and reports it
+    in ``loader.skipped``, up to ``max_corrupt`` records per epoch (an int count or a float
+    fraction of the rank's epoch, default 0.1%; see ``datasvc.corrupt``). ``workers`` is the
+    deprecated name of ``num_workers``."""
     num_workers = renamed("workers", "num_workers", workers, num_workers)
     return LOADERS.get(backend)(
         source,
@@ -58,6 +65,8 @@ def create_loader(
         world_size=world_size,
         seed=seed,
         num_workers=num_workers,
+        on_corrupt=on_corrupt,
+        max_corrupt=max_corrupt,
         **options,
     )
 

@@ -7,6 +7,7 @@ import time
 import warnings
 
 from datasvc.augment import TransformConfig
+from datasvc.corrupt import CorruptLedger, OnCorrupt, check_on_corrupt
 from datasvc.sampling import EpochSampler
 
 
@@ -51,11 +52,17 @@ class Loader:
         seed: int = 0,
         drop_last: bool | None = None,
         transform=None,
+        on_corrupt: OnCorrupt = "raise",
+        max_corrupt: int | float | None = None,
     ):
         """The options every backend shares (backends take them as ``**common``): batch size
         per rank, output size, train or eval transform and sampling, rank and world size, seed,
-        ``drop_last`` (default: train drops the remainder, eval keeps every sample) and
-        ``transform`` overrides (see ``TransformConfig.build``)."""
+        ``drop_last`` (default: train drops the remainder, eval keeps every sample),
+        ``transform`` overrides (see ``TransformConfig.build``), and the corrupt-record policy
+        (see ``datasvc.corrupt``): ``on_corrupt`` 'raise' or 'skip', ``max_corrupt`` records
+        skipped per epoch before raising (an int count or a float fraction of this rank's
+        epoch; default 0.1%)."""
+        self.on_corrupt = check_on_corrupt(on_corrupt)
         self.cfg = TransformConfig.build(train, image_size, transform)
         self.seed = seed
         self.sampler = EpochSampler(
@@ -68,6 +75,19 @@ class Loader:
             drop_last=train if drop_last is None else drop_last,
         )
         self.data_wait: list[float] = []  # seconds the consumer waited for each batch
+        self.ledger = CorruptLedger(self._epoch_samples(), max_corrupt)
+
+    def _epoch_samples(self) -> int:
+        """Samples this rank is listed for in one epoch (the base of ``max_corrupt``)."""
+        s = self.sampler
+        return sum(len(s.batch(b)) for b in range(len(s))) if len(s) else 0
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Records skipped as corrupt in the current epoch so far: ``{"id", "shard", "record",
+        "reason"}`` each, in the order they were met."""
+        self.ledger.start_epoch(self.sampler.epoch)
+        return list(self.ledger.entries)
 
     @property
     def batch_size(self) -> int:
@@ -84,15 +104,21 @@ class Loader:
         self.sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"backend": self.backend, "sampler": self.sampler.state_dict()}
+        return {
+            "backend": self.backend,
+            "sampler": self.sampler.state_dict(),
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        self.ledger.start_epoch(self.sampler.epoch, list(state.get("skipped", [])))
 
     def __iter__(self):
         if self.sampler.batches_done >= len(self.sampler):
             self.sampler.set_epoch(self.sampler.epoch + 1)
         self.data_wait = []
+        self.ledger.start_epoch(self.sampler.epoch)
         it = self._batches(self.sampler.batches_done)
         try:
             while True:

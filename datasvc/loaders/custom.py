@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from datasvc.batch import Batch, fill_batch
+from datasvc.corrupt import CorruptRecordError
 from datasvc.decode import init_decode_worker
 from datasvc.lifecycle import die_with_parent
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.memory import recycle_large_allocations
-from datasvc.packs import CorruptSampleError, open_pack
+from datasvc.packs import open_pack
 from datasvc.packs.readahead import ADVISERS, DEFAULT_MAX_BYTES, read_ahead_for
 
 #: Where the custom loader's workers run: forked processes or threads of the consumer.
@@ -57,12 +58,32 @@ class SlotRing:
         return images, labels
 
 
-def _worker_main(split, cfg, seed, ring: SlotRing, decoder, tasks, results, parent: int) -> None:
+class _TrackedSplit:
+    """A split that notes in shared memory which sample its worker is reading, so that a
+    worker killed by a signal can be reported with the shard and record it was on."""
+
+    def __init__(self, split, reading, index: int):
+        self._split, self._reading, self._index = split, reading, index
+
+    def __getitem__(self, sid: int):
+        self._reading[self._index] = int(sid)
+        return self._split[sid]
+
+    def __getattr__(self, name):
+        return getattr(self._split, name)
+
+
+def _worker_main(
+    split, cfg, seed, ring: SlotRing, decoder, tasks, results, parent: int, policy: tuple
+) -> None:
+    """``policy``: (on_corrupt, the shared array of samples being read, this worker's index)."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer decides when to stop
     torch.set_num_threads(1)
     init_decode_worker()
     recycle_large_allocations()
+    on_corrupt, reading, index = policy
+    tracked = _TrackedSplit(split, reading, index)
     while True:
         task = tasks.get()
         if task is None:
@@ -70,11 +91,16 @@ def _worker_main(split, cfg, seed, ring: SlotRing, decoder, tasks, results, pare
         slot, epoch, b, ids = task
         images, labels = ring.views(slot)
         try:
-            fill_batch(split, ids, cfg, seed, epoch, images, labels, decoder)
-            results.put((b, None))
+            kept, skipped = fill_batch(
+                tracked, ids, cfg, seed, epoch, images, labels, decoder, on_corrupt
+            )
+            results.put((b, None, kept, skipped))
+        except CorruptRecordError as e:
+            results.put((b, ("corrupt", e.entry), None, []))
         except Exception as e:  # noqa: BLE001 - reported to the consumer with its type
-            kind = "corrupt" if isinstance(e, CorruptSampleError) else "error"
-            results.put((b, (kind, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+            msg = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+            results.put((b, ("error", msg), None, []))
+        reading[index] = -1
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -177,6 +203,7 @@ class CustomLoader(Loader):
         self._held: set[int] = set()
         self._tasks = ctx.SimpleQueue()
         self._results = ctx.Queue()
+        self._reading = ctx.RawArray("q", [-1] * self.num_workers)
         self.split.close()  # each worker opens its own read-only handles
         self._procs = [
             ctx.Process(
@@ -192,6 +219,7 @@ class CustomLoader(Loader):
                     self._tasks,
                     self._results,
                     os.getpid(),
+                    (self.on_corrupt, self._reading, i),
                 ),
             )
             for i in range(self.num_workers)
@@ -200,13 +228,14 @@ class CustomLoader(Loader):
             p.start()
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks)
 
-    def _build(self, epoch: int, b: int) -> Batch:
-        """One whole batch, written straight into the tensor handed out (thread engine)."""
+    def _build(self, epoch: int, b: int) -> tuple[Batch, list[dict]]:
+        """One whole batch, written straight into the tensor handed out (thread engine), and
+        the records it skipped."""
         ids = self.sampler.batch(b)
         s = self.cfg.image_size
         images = torch.empty((len(ids), s, s, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
         labels = torch.empty(len(ids), dtype=torch.int64)
-        fill_batch(
+        kept, skipped = fill_batch(
             self.split,
             ids,
             self.cfg,
@@ -215,8 +244,11 @@ class CustomLoader(Loader):
             images.numpy(),
             labels.numpy(),
             self.decoder,
+            self.on_corrupt,
         )
-        return Batch(images.permute(0, 3, 1, 2), labels, torch.from_numpy(np.array(ids, np.int64)))
+        n = len(kept)
+        batch = Batch(images[:n].permute(0, 3, 1, 2), labels[:n], torch.from_numpy(kept))
+        return batch, skipped
 
     def _thread_batches(self, start: int):
         if self._pool is None:
@@ -232,9 +264,10 @@ class CustomLoader(Loader):
                 for b in range(want, min(end, want + self.slots)):
                     if b not in futures:
                         futures[b] = self._pool.submit(self._build, epoch, b)
-                batch = futures.pop(want).result(timeout=self.timeout)
+                batch, skipped = futures.pop(want).result(timeout=self.timeout)
                 if ra is not None:
                     ra.done(want)
+                self.ledger.add(skipped)
                 yield batch
         finally:
             if ra is not None:
@@ -266,13 +299,32 @@ class CustomLoader(Loader):
                 waited += 1.0
                 dead = [p for p in self._procs if not p.is_alive()]
                 if dead:
-                    codes = ", ".join(f"{p.name} exit code {p.exitcode}" for p in dead)
+                    error = self._dead_worker_error(dead)
                     self.close()
-                    raise RuntimeError(f"custom loader worker died ({codes})") from None
+                    raise error from None
                 if waited >= self.timeout:
                     raise TimeoutError(
                         f"no batch from the custom loader in {self.timeout:.0f}s"
                     ) from None
+
+    def _dead_worker_error(self, dead) -> RuntimeError:
+        """Which worker died, of which signal or exit code, and what it was reading."""
+        parts = []
+        for p in dead:
+            code = p.exitcode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            sid = self._reading[self._procs.index(p)]
+            where = ""
+            if sid >= 0:
+                shard, local = self.split.locate(sid)
+                where = (
+                    f" while reading sample {sid} ({self.split.shard_paths[shard]} record {local})"
+                )
+            parts.append(f"{p.name} {how}{where}")
+        hint = ""
+        if any(p.exitcode == -signal.SIGBUS for p in dead):
+            hint = " (SIGBUS: a shard file shrank while mapped; run datasvc verify on the pack)"
+        return RuntimeError(f"custom loader worker died: {'; '.join(parts)}{hint}")
 
     # --- iteration --------------------------------------------------------------------------
 
@@ -301,17 +353,22 @@ class CustomLoader(Loader):
                     slot_of[next_b], ids_of[next_b] = slot, ids
                     next_b += 1
                 while want not in ready:
-                    b, err = self._get_result()
-                    ready[b] = err
+                    b, *result = self._get_result()
+                    ready[b] = result
                     if ra is not None:
                         ra.done(b)
-                err = ready.pop(want)
+                err, ids, skipped = ready.pop(want)
                 slot = slot_of.pop(want)
-                ids = ids_of.pop(want)
+                del ids_of[want]
                 if err is not None:
                     free.append(slot)
-                    kind, msg = err
-                    raise (CorruptSampleError if kind == "corrupt" else RuntimeError)(msg)
+                    kind, what = err
+                    raise (
+                        CorruptRecordError.from_entry(what)
+                        if kind == "corrupt"
+                        else RuntimeError(what)
+                    )
+                self.ledger.add(skipped)
                 # Hand the slot itself out while the consumer leaves enough slots for the
                 # workers; it comes back once the consumer drops every view of it.
                 if not self.pin_memory and len(self._held) < self.slots - self.num_workers:
@@ -326,6 +383,8 @@ class CustomLoader(Loader):
                 ra.close()
             # Wait for batches still being built so no slot is written after we reuse it.
             for _ in range(len(slot_of) - len(ready)):
+                if not self._procs:  # the pool is gone (a worker died): nothing to wait for
+                    break
                 try:
                     self._get_result()
                 except (RuntimeError, TimeoutError):

@@ -14,6 +14,7 @@ import torch
 
 from datasvc.augment import TransformConfig, eval_geometry, train_crop
 from datasvc.batch import Batch
+from datasvc.corrupt import CorruptRecordError, read_sample
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.packs import open_pack
@@ -218,6 +219,23 @@ class DaliLoader(Loader):
         self.read_ahead = read_ahead
         self._spans: dict = {}
 
+    def _read(self, ids) -> tuple[list[int], list]:
+        """The batch's samples that read cleanly; corrupt ones raise or are skipped (DALI
+        needs whole images, so damage is caught when the record is read, before decoding)."""
+        kept, samples, skipped = [], [], []
+        for sid in ids:
+            try:
+                samples.append(read_sample(self.split, int(sid)))
+                kept.append(int(sid))
+            except CorruptRecordError as e:
+                if self.on_corrupt != "skip":
+                    raise
+                skipped.append(e.entry)
+        self.ledger.add(skipped)
+        if not samples:
+            raise CorruptRecordError.from_entry(skipped[0])  # DALI cannot run an empty batch
+        return kept, samples
+
     def _inputs(self, start: int, end: int, epoch: int):
         ra = read_ahead_for(
             self.split, self.sampler, start, end, self.read_ahead, spans=self._spans
@@ -237,8 +255,7 @@ class DaliLoader(Loader):
     def _batch_inputs(self, b: int, epoch: int) -> tuple:
         """External-source inputs of batch ``b``: its samples' bytes and crop geometry."""
         cfg = self.cfg
-        ids = self.sampler.batch(b)
-        samples = [self.split[int(i)] for i in ids]
+        ids, samples = self._read(self.sampler.batch(b))
         if cfg.train:
             geo = [
                 train_crop(cfg, self.seed, epoch, int(i), s.height, s.width)

@@ -3,6 +3,7 @@ PIL (pillow-simd when installed) — the plain baseline of the seed projects."""
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from datasvc.augment import TransformConfig
 from datasvc.batch import Batch
+from datasvc.corrupt import CorruptRecordError, corrupt_record, read_sample
 from datasvc.loaders import register_loader
 from datasvc.loaders.base import Loader, default_workers, renamed
 from datasvc.packs import MANIFEST_NAME, open_pack
@@ -68,13 +70,22 @@ class PackDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
+        """(image, label, id), or (None, entry, id) for a corrupt record: the consumer applies
+        the policy, so the error keeps its type and fields across the worker boundary."""
         from PIL import Image
 
-        s = self.split[i]
-        if self.decode == "tensor":
-            return self.transform(decode_tensor(s.image)), s.label, i
-        img = Image.open(io.BytesIO(s.image)).convert("RGB")
-        return self.transform(img), s.label, i
+        try:
+            s = read_sample(self.split, i)
+            try:
+                if self.decode == "tensor":
+                    image = decode_tensor(s.image)
+                else:
+                    image = Image.open(io.BytesIO(s.image)).convert("RGB")
+            except (OSError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
+                raise corrupt_record(self.split, i, f"undecodable image ({s.key}): {e}") from None
+        except CorruptRecordError as e:
+            return None, e.entry, i
+        return self.transform(image), s.label, i
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -95,15 +106,25 @@ class FolderDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        img, label = self.ds[i]
+        try:
+            img, label = self.ds[i]
+        except (OSError, ValueError) as e:  # PIL's errors for a damaged file
+            path = self.ds.samples[i][0]
+            return None, CorruptRecordError(i, path, 0, f"undecodable image: {e}").entry, i
         return self.transform(img), label, i
 
 
-def _collate(items):
-    images = torch.stack([x[0] for x in items])
-    labels = torch.tensor([x[1] for x in items], dtype=torch.int64)
-    ids = torch.tensor([x[2] for x in items], dtype=torch.int64)
-    return images, labels, ids
+def _collate(items, image_size: int):
+    """Samples → (images, labels, ids, skipped entries); corrupt ones go to the entries."""
+    good = [x for x in items if x[0] is not None]
+    skipped = [x[1] for x in items if x[0] is None]
+    if good:
+        images = torch.stack([x[0] for x in good])
+    else:
+        images = torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+    labels = torch.tensor([x[1] for x in good], dtype=torch.int64)
+    ids = torch.tensor([x[2] for x in good], dtype=torch.int64)
+    return images, labels, ids, skipped
 
 
 class _CursorBatches:
@@ -167,14 +188,17 @@ class TorchLoader(Loader):
             self.dataset,
             batch_sampler=self._batch_sampler,
             num_workers=self.num_workers,
-            collate_fn=_collate,
+            collate_fn=functools.partial(_collate, image_size=self.cfg.image_size),
             pin_memory=pin_memory,
             **kw,
         )
 
     def _batches(self, start: int):
         self._batch_sampler.start = start
-        for images, labels, ids in self._dl:
+        for images, labels, ids, skipped in self._dl:
+            if skipped and self.on_corrupt == "raise":
+                raise CorruptRecordError.from_entry(skipped[0])
+            self.ledger.add(skipped)
             yield Batch(images, labels, ids)
 
     def worker_pids(self) -> list[int]:

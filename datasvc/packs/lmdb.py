@@ -114,6 +114,44 @@ class LMDBShardWriter:
 # opening the same environment twice in a process, and a forked child must not use its
 # parent's handle, so a child closes what it inherited and opens its own.
 _ENVS: dict[tuple, tuple[int, lmdb.Environment, lmdb.Transaction]] = {}
+_DAMAGED: dict[tuple, str] = {}  # shard files found shorter than their structure, and why
+
+
+class DamagedShardError(CorruptSampleError):
+    """A shard file is shorter than its own structure says (an interrupted copy)."""
+
+
+def check_complete(env: lmdb.Environment, path: str) -> None:
+    """Refuse a shard whose file ends before LMDB's last page: touching a page past the end
+    of a mapped file is a SIGBUS, so this is checked before any record is read."""
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(path)
+    if size < need:
+        raise DamagedShardError(
+            f"{path}: shard truncated: {size} bytes, its last LMDB page ends at byte {need}"
+        )
+
+
+def _open_env(real: str) -> lmdb.Environment:
+    """A read-only environment on a shard checked to be complete."""
+    try:
+        env = lmdb.open(
+            real,
+            subdir=False,
+            readonly=True,
+            lock=False,
+            readahead=False,
+            meminit=False,
+            max_readers=1,
+        )
+    except lmdb.Error as e:
+        raise DamagedShardError(f"{real}: not a readable LMDB file ({e})") from None
+    try:
+        check_complete(env, real)
+    except BaseException:
+        env.close()
+        raise
+    return env
 
 
 def _read_txn(path: Path) -> lmdb.Transaction:
@@ -129,9 +167,14 @@ def _read_txn(path: Path) -> lmdb.Transaction:
             entry[1].close()
         except lmdb.Error:
             pass
-    env = lmdb.open(
-        real, subdir=False, readonly=True, lock=False, readahead=False, meminit=False, max_readers=1
-    )
+        del _ENVS[key]
+    if key in _DAMAGED:
+        raise DamagedShardError(_DAMAGED[key])
+    try:
+        env = _open_env(real)
+    except DamagedShardError as e:
+        _DAMAGED[key] = str(e)
+        raise
     txn = env.begin(buffers=False)
     _ENVS[key] = (os.getpid(), env, txn)
     return txn

@@ -292,6 +292,7 @@ class TFRecordShardReader:
         self.verify = verify
         self._index = index
         self._f = None
+        self._size = 0
         self._pid = None
 
     @property
@@ -308,16 +309,27 @@ class TFRecordShardReader:
     def _file(self):
         if self._pid != os.getpid():
             self._f = open(self.path, "rb", buffering=0)
+            self._size = os.fstat(self._f.fileno()).st_size
             self._pid = os.getpid()
         return self._f
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _check_extent(self, i: int, offset: int, size: int) -> None:
+        """A record the index places past the file's end is lost to a truncated copy."""
+        if offset + size > self._size:
+            raise CorruptSampleError(
+                f"{self.path} record {i}: shard truncated: the index puts the record at bytes "
+                f"{offset}-{offset + size}, the file has {self._size}"
+            )
+
     def raw(self, i: int) -> bytes:
         offset, size = self.index[i]
         TFRecordShardReader.records_read += 1
-        return os.pread(self._file().fileno(), size, offset)
+        fd = self._file().fileno()
+        self._check_extent(i, offset, size)
+        return os.pread(fd, size, offset)
 
     def __getitem__(self, i: int) -> Sample:
         where = f"{self.path} record {i}"
@@ -343,6 +355,7 @@ class TFRecordShardReader:
             "verify": self.verify,
             "_index": self._index,
             "_f": None,
+            "_size": 0,
             "_pid": None,
         }
 

@@ -1,0 +1,58 @@
+"""Damage a converted pack the way storage does: flip bytes inside records (their CRC then
+fails) or cut a shard file short (an interrupted copy)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from datasvc.packs import open_pack
+from datasvc.packs.tfrecord import index_path, read_index
+
+
+def copy_pack(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def damage_records(pack: Path, split: str, ids: list[int]) -> list[dict]:
+    """Flip one byte in the middle of each sample's image bytes, in place (so the record's
+    CRC fails); returns the entries ``loader.skipped`` should list, without the reason."""
+    sp = open_pack(pack).split(split)
+    places = [_image_byte(sp, sid) for sid in ids]  # all located before any is damaged
+    sp.close()
+    out = []
+    for sid, (path, offset) in zip(ids, places):
+        _flip(path, offset)
+        out.append({"id": sid, "shard": path.name, "record": sp.locate(sid)[1]})
+    return out
+
+
+def _image_byte(sp, sid: int) -> tuple[Path, int]:
+    """The shard file and the offset of a byte inside sample ``sid``'s image bytes."""
+    shard, local = sp.locate(sid)
+    path = sp.shard_paths[shard]
+    if path.suffix == ".tfrecord":
+        offset, size = read_index(index_path(path))[local]
+        return path, offset + 12 + size // 2  # inside the Example, under the data CRC
+    image = sp[sid].image
+    data = path.read_bytes()
+    chunk = image[len(image) // 2 : len(image) // 2 + 64]
+    assert data.count(chunk) == 1, "the chunk must locate the record's bytes"
+    return path, data.index(chunk) + 32
+
+
+def truncate_shard(pack: Path, split: str, shard: int, keep: float = 0.5) -> Path:
+    """Cut a shard file to ``keep`` of its size, as an interrupted copy leaves it."""
+    path = open_pack(pack).split(split).shard_paths[shard]
+    os.truncate(path, int(path.stat().st_size * keep))
+    return path
