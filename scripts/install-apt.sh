@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the project needs: libjpeg-turbo headers for the crop-aware decoder, and
-# the image libraries pillow-simd is built against (it is compiled from source).
+# the image libraries pillow-simd is built against (it is compiled from source), and iproute2
+# (ip, tc) for the tests that join two network namespaces by a shaped link.
 set -euo pipefail
 need=()
-for pkg in libjpeg62-turbo-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev; do
+for pkg in libjpeg62-turbo-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev iproute2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] && exit 0

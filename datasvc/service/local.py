@@ -24,12 +24,14 @@ class LocalServer:
         bind: str = "tcp://127.0.0.1:*",
         extra: list[str] | None = None,
         startup_timeout: float = 60.0,
+        prefix: list[str] | None = None,
     ):
         self.packs = [str(p) for p in packs]
         self.workers = workers
         self.bind = bind
         self.extra = extra or []
         self.startup_timeout = startup_timeout
+        self.prefix = prefix or []  # e.g. ``ip netns exec NS``: where the server runs
         self.proc = None
         self.endpoint = None
         self.log = None
@@ -48,6 +50,7 @@ class LocalServer:
         os.close(fd)
         self.log = Path(log)
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "datasvc.cli",
