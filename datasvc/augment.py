@@ -9,6 +9,8 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from datasvc.errors import UsageError
+
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -32,11 +34,11 @@ class TransformConfig:
 
     def __post_init__(self):
         if not 8 <= self.image_size <= 1024:
-            raise ValueError(f"image_size must be within 8..1024, got {self.image_size}")
+            raise UsageError(f"image_size must be within 8..1024, got {self.image_size}")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
-            raise ValueError(f"bad scale range {self.scale}")
+            raise UsageError(f"bad scale range {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
-            raise ValueError(f"bad ratio range {self.ratio}")
+            raise UsageError(f"bad ratio range {self.ratio}")
         object.__setattr__(self, "scale", tuple(map(float, self.scale)))
         object.__setattr__(self, "ratio", tuple(map(float, self.ratio)))
 

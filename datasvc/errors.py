@@ -59,8 +59,9 @@ class UserError(Exception):
         return f"{self.cause} ({self.hint})" if self.hint else self.cause
 
 
-class UsageError(UserError):
-    """A command line or configuration that cannot work as given: exit code 2, like argparse."""
+class UsageError(UserError, ValueError):
+    """A command line, argument or configuration that cannot work as given: exit code 2, like
+    argparse. A ``ValueError`` too, so library callers catch it as a bad value."""
 
     exit_code = 2
 
@@ -99,13 +100,21 @@ def report(prefix: str, message: str) -> None:
     print(f"{prefix}: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
-def run_command(prefix: str, fn: Callable[[], int | None], *, debug: bool = False) -> int:
+def run_command(
+    prefix: str,
+    fn: Callable[[], int | None],
+    *,
+    debug: bool = False,
+    after_report: Callable[[], object] | None = None,
+) -> int:
     """Run one command; an expected failure becomes one line on stderr and its exit code.
 
     Args:
         prefix: what names the command in the message, e.g. ``"datasvc inspect"``.
         fn: the command; returns an exit code (None means 0).
         debug: re-raise expected failures, so that their traceback is shown.
+        after_report: called once an expected failure was reported (the trainer ends its
+            torchrun job there).
     """
     debug = debug_requested(debug)
     try:
@@ -122,4 +131,6 @@ def run_command(prefix: str, fn: Callable[[], int | None], *, debug: bool = Fals
         message, code = found
         log.debug("expected failure", exc_info=True)
         report(prefix, message)
+        if after_report is not None:
+            after_report()
         return code

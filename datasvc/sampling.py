@@ -9,6 +9,8 @@ import threading
 
 import numpy as np
 
+from datasvc.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -99,9 +101,9 @@ class EpochSampler:
         listings: ListingCache | None = None,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise UsageError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+            raise UsageError(f"rank {rank} is not in [0, {world_size})")
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.rank = int(rank)
@@ -187,3 +189,18 @@ class EpochSampler:
             done = state["batches_done"] * state["world_size"] * state["batch_size"]
             self.offset = min(self.num_samples, int(state.get("offset", 0)) + done)
             self.batches_done = 0
+
+
+def require_batches(sampler: EpochSampler) -> None:
+    """Refuse a loader whose epochs would deliver no batch: an empty split, or (dropping the
+    last partial round) fewer samples than one full batch on every rank."""
+    n, b, w = sampler.num_samples, sampler.batch_size, sampler.world_size
+    if n == 0:
+        raise UsageError("the split has no samples, so an epoch would have no batch")
+    if sampler.drop_last and n < b * w:
+        ranks = f" on each of {w} ranks" if w > 1 else ""
+        raise UsageError(
+            f"an epoch of {n} samples has no full batch of {b}{ranks}, so it would deliver "
+            "no batch",
+            f"use batch_size <= {max(1, n // w)}, or drop_last=False",
+        )

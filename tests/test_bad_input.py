@@ -326,3 +326,233 @@ def test_convert_bad_option(flag, value, sample_tree, tmp_path):
 def test_missing_pack_for_bench_and_serve(command, tmp_path):
     r = datasvc(command, tmp_path / "nopack")
     assert_one_line_error(r, f"datasvc {command}", "nopack", "does not exist")
+
+
+# ---------------------------------------------------------------- loaders (the Python API)
+
+
+def _no_children_left(timeout: float = 5.0) -> None:
+    gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=timeout)
+    assert not alive, f"loader processes left behind: {alive}"
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_splits_get_eval_sampling_and_transform(split, clean_pack, tmp_path):
+    """Named val/test, a split is read once, unshuffled, through the eval transform, without
+    dropping the last partial batch -- unless train= says otherwise."""
+    from datasvc.loaders import create_loader
+
+    src = clean_pack
+    if split == "test":  # the fixture pack has train and val; name its val split "test"
+        src = tmp_path / "pack"
+        shutil.copytree(clean_pack, src)
+        m = json.loads((src / "manifest.json").read_text())
+        m["splits"]["test"] = m["splits"].pop("val")
+        (src / "manifest.json").write_text(json.dumps(m))
+        (src / "val").rename(src / "test")
+    n = len(__import__("datasvc").open_pack(src).split(split))
+    with create_loader(
+        "custom", src, split=split, batch_size=5, image_size=32, num_workers=1
+    ) as ld:
+        assert not ld.cfg.train and not ld.sampler.shuffle and not ld.sampler.drop_last
+        ids = [int(i) for _, _, batch_ids in ld for i in batch_ids]
+    assert sorted(ids) == ids == list(range(n))  # all of them, once, in order
+    with create_loader(
+        "custom", src, split=split, batch_size=5, image_size=32, num_workers=1, train=True
+    ) as ld:
+        assert ld.cfg.train and ld.sampler.shuffle and ld.sampler.drop_last
+    _no_children_left()
+
+
+def test_eval_split_with_a_huge_batch_still_delivers_everything(clean_pack):
+    from datasvc.loaders import create_loader
+
+    with create_loader("custom", clean_pack, split="val", batch_size=5000, image_size=32,
+                       num_workers=1) as ld:  # fmt: skip
+        batches = list(ld)
+    assert len(batches) == 1 and len(batches[0][2]) == 12
+    _no_children_left()
+
+
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        ({"batch_size": 5000}, ["64 samples", "full batch of 5000", "batch_size <= 64"]),
+        ({"batch_size": 16, "world_size": 8}, ["on each of 8 ranks", "batch_size <= 8"]),
+    ],
+)
+@pytest.mark.parametrize("backend", ["custom", "torch"])
+def test_an_epoch_without_a_batch_is_refused(backend, kw, words, clean_pack):
+    from datasvc.loaders import create_loader
+
+    with pytest.raises(UsageError) as e:
+        create_loader(backend, clean_pack, split="train", image_size=32, num_workers=1, **kw)
+    for w in words:
+        assert w in str(e.value)
+    _no_children_left()
+
+
+@pytest.mark.parametrize(
+    "call,err,words",
+    [
+        (lambda p: ("nosuch", p, {}), KeyError, ["unknown loader", "'nosuch'", "custom"]),
+        (lambda p: ("custom", p, {"split": "tset"}), KeyError, ["no split 'tset'", "'val'"]),
+        (lambda p: ("custom", p.parent / "nopack", {}), UserError, ["does not exist"]),
+        (lambda p: ("custom", p, {"image_size": 4}), ValueError, ["image_size", "8..1024"]),
+        (lambda p: ("custom", p, {"batch_size": 0}), ValueError, ["batch_size must be positive"]),
+        (lambda p: ("custom", p, {"rank": 2, "world_size": 2}), ValueError, ["rank 2"]),
+    ],
+    ids=["backend", "split", "pack", "image_size", "batch_size", "rank"],
+)
+def test_loader_bad_arguments(call, err, words, clean_pack):
+    """Each is a UserError (so the CLIs print one line) and the builtin type callers expect."""
+    from datasvc.loaders import create_loader
+
+    backend, source, kw = call(clean_pack)
+    with pytest.raises(err) as e:
+        create_loader(backend, source, num_workers=1, **kw)
+    assert isinstance(e.value, UserError)
+    for w in words:
+        assert w in str(e.value)
+    _no_children_left()
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def test_trainer_missing_data_source_says_so(tmp_path):
+    r = trainer("train", "--config", "digits", f"train.out_dir={tmp_path / 'run'}")
+    line = assert_one_line_error(r, "python -m trainer train", "data.source is not set", code=2)
+    assert "num_classes" not in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config", ["digits", "digits.yaml", "trainer/configs/digits.yaml"])
+def test_trainer_config_resolves_from_any_directory(config, tmp_path):
+    """From a folder outside the repository, a packaged config is found by name (reaching the
+    data.source check proves the file was read)."""
+    r = trainer("train", "--config", config, cwd=tmp_path)
+    assert_one_line_error(r, "python -m trainer train", "data.source is not set", code=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trainer_config_relative_to_cwd_wins(tmp_path):
+    (tmp_path / "digits.yaml").write_text("optim:\n  lr: fast\n")
+    r = trainer("train", "--config", "digits.yaml", cwd=tmp_path)
+    assert_one_line_error(r, "python -m trainer train", "optim.lr", "'fast'", code=2)
+
+
+def test_trainer_unknown_config_lists_packaged_ones(tmp_path):
+    r = trainer("train", "--config", "digitz", cwd=tmp_path)
+    assert_one_line_error(r, "python -m trainer train", "digitz", "digits, seed001", code=2)
+
+
+def test_trainer_config_with_bad_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("data:\n  source: [1\n")
+    r = trainer("train", "--config", tmp_path / "bad.yaml")
+    assert_one_line_error(r, "python -m trainer train", "bad.yaml", "not valid YAML", code=2)
+
+
+def test_trainer_override_without_value(clean_pack):
+    r = trainer("train", "--config", "digits", f"data.source={clean_pack}", "optim.lr")
+    assert_one_line_error(r, "python -m trainer train", "optim.lr", "key=value", code=2)
+
+
+def test_trainer_overrides_after_an_option(tmp_path, clean_pack):
+    """``--resume-from X a=b`` still applies a=b (argparse alone would refuse it)."""
+    r = trainer("train", "--config", "digits", "--resume-from", tmp_path / "missing.pt",
+                f"data.source={clean_pack}", f"train.out_dir={tmp_path / 'run'}",
+                "data.batch_size=8")  # fmt: skip
+    assert_one_line_error(r, "python -m trainer train", "missing.pt", "no such checkpoint")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_dict"])
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_trainer_corrupt_checkpoint_names_the_file(command, damage, tmp_path, clean_pack):
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = run / "last.pt"
+    torch.save({"version": 1, "model": {"w": torch.zeros(4096)}}, ck)
+    if damage == "truncated":
+        ck.write_bytes(ck.read_bytes()[:3000])
+    elif damage == "garbage":
+        ck.write_bytes(os.urandom(3000))
+    elif damage == "empty":
+        ck.write_bytes(b"")
+    else:
+        torch.save([1, 2, 3], ck)
+    before = ck.read_bytes()
+    common = ["--config", "digits", f"data.source={clean_pack}", f"train.out_dir={run}",
+              "data.batch_size=8", "data.num_workers=1"]  # fmt: skip
+    args = ["--resume"] if command == "train" else ["--checkpoint", ck]
+    r = trainer(command, *common, *args)
+    cause = "not a trainer checkpoint" if damage == "not_a_dict" else "not a readable checkpoint"
+    assert_one_line_error(r, f"python -m trainer {command}", str(ck), cause)
+    assert ck.read_bytes() == before  # the damaged file is kept, for the user to look at
+    assert not list(run.glob("*.pt.tmp*")) and not list(run.glob(".*.tmp-*"))
+
+
+def test_trainer_epoch_without_a_batch(tmp_path, clean_pack):
+    r = trainer("train", "--config", "digits", f"data.source={clean_pack}",
+                f"train.out_dir={tmp_path / 'run'}", "data.batch_size=5000")  # fmt: skip
+    assert_one_line_error(r, "python -m trainer train", "no full batch of 5000", code=2)
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
+def _processes_with(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_torchrun_one_line_per_rank_and_no_child_failed_report(tmp_path):
+    """Under real torchrun an expected failure prints one line per rank and ends the job:
+    no ChildFailedError report, no traceback, no rank left running."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    marker = f"train.out_dir={tmp_path / 'run'}"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = run_case(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "trainer", "train", "--config", "digits", marker],
+        timeout=60,
+    )  # fmt: skip
+    lines = [ln for ln in r.stderr.splitlines() if ": error:" in ln]
+    assert sorted(lines) == [
+        f"python -m trainer train [rank {k}/2]: error: data.source is not set (add "
+        "data.source=PACK_FOLDER (or data.backend=remote data.source=tcp://HOST:PORT "
+        "data.options.pack=NAME))"
+        for k in (0, 1)
+    ], r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr
+    assert r.returncode == -signal.SIGUSR1  # torchrun ended by the rank: shells see 138
+    deadline = time.monotonic() + 5
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_with(marker)
+    for p in left:
+        p.kill()
+    assert not left, f"ranks left running: {left}"
+
+
+@pytest.mark.slow
+def test_trainer_checkpoint_of_another_model(tmp_path, clean_pack):
+    """Weights saved for 1000 classes, evaluated with the pack's 4: one line, not torch's list
+    of every mismatched key."""
+    import torch
+
+    from trainer.models import create_model
+
+    ck = tmp_path / "other.pt"
+    torch.save({"version": 1, "model": create_model("resnet18", num_classes=1000).state_dict()}, ck)
+    r = trainer("eval", "--config", "digits", f"data.source={clean_pack}", "--checkpoint", ck,
+                "data.num_workers=1", timeout=30)  # fmt: skip
+    assert_one_line_error(r, "python -m trainer eval", str(ck), "do not fit", "2 of another shape")

@@ -15,19 +15,30 @@ import argparse
 import json
 import os
 import sys
+import zipfile
+from pathlib import Path
+
+from datasvc.errors import UserError
 
 
 def _cmd_train(a) -> int:
     from datasvc.memory import recycle_large_allocations
-    from trainer.config import load_config
-    from trainer.engine import train
+    from trainer.config import load_config, require_data_source
 
     # This process owns its allocator: batch-sized buffers reuse heap pages (see there).
     recycle_large_allocations()
     cfg = load_config(a.config, a.overrides)
+    require_data_source(cfg.data)  # before torch is imported and any process group starts
     if a.out:
         cfg = cfg.replace({"train.out_dir": a.out})
     resume = a.resume_from or a.resume
+    if a.resume_from:
+        check_checkpoint_file(a.resume_from)
+    elif a.resume and (Path(cfg.train.out_dir) / "last.pt").exists():
+        check_checkpoint_file(Path(cfg.train.out_dir) / "last.pt")
+    check_pack_early(cfg.data)
+    from trainer.engine import train
+
     summary = train(cfg, resume=resume)
     final = summary.get("final") or {}
     if final and _rank() == 0:
@@ -45,15 +56,74 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def check_pack_early(data) -> None:
+    """Fail fast, before torch is imported: a local pack must exist, have the train and val
+    splits, and give every rank a full train batch (the loaders check it again, later)."""
+    if data.backend == "remote" or not isinstance(data.source, str):
+        return
+    from datasvc.packs import PackError, open_pack
+    from datasvc.sampling import EpochSampler, require_batches
+
+    try:
+        pack = open_pack(data.source)
+    except PackError:
+        if (Path(data.source) / data.train_split).is_dir():
+            return  # an ImageFolder tree, which the torch backend reads
+        raise
+    train = pack.split(data.train_split)
+    pack.split(data.val_split)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    require_batches(EpochSampler(len(train), data.batch_size, world_size=world))
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Fail fast, before torch is imported or any loader starts: a checkpoint is a zip archive
+    (``torch.save``'s format), so a missing, truncated or foreign file is refused here, by
+    name. What the archive holds is checked when it is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint"
+        raise UserError(f"{path}: {what}", "check the path")
+    hint = "use another checkpoint file (an earlier one), or start afresh"
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            pickles = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            first = _first_pickle_op(z.read(pickles[0])) if pickles else None
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise UserError(
+            f"{path}: not a readable checkpoint (damaged or truncated? {e})", hint
+        ) from None
+    if bad is not None:
+        raise UserError(f"{path}: not a readable checkpoint (member {bad} fails its CRC)", hint)
+    if first != "EMPTY_DICT":  # a trainer checkpoint is a dict; pickletools reads, never runs
+        raise UserError(f"{path}: not a trainer checkpoint", hint)
+
+
+def _first_pickle_op(data: bytes) -> str | None:
+    import pickletools
+
+    try:
+        for op, _, _ in pickletools.genops(data):
+            if op.name not in ("PROTO", "FRAME"):
+                return op.name
+    except ValueError:
+        return None
+    return None
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
 def _cmd_eval(a) -> int:
-    from trainer.config import load_config
-    from trainer.engine import evaluate_checkpoint
+    from trainer.config import load_config, require_data_source
 
     cfg = load_config(a.config, a.overrides)
+    require_data_source(cfg.data)  # before torch is imported and any process group starts
+    check_checkpoint_file(a.checkpoint)
+    from trainer.engine import evaluate_checkpoint
+
     res = evaluate_checkpoint(cfg, a.checkpoint, use_ema=a.ema)
     if _rank() == 0:
         print(json.dumps(res))
@@ -150,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``section.key=value`` overrides may also follow an option
+    (``--resume-from X a=b``), where argparse alone would stop collecting them."""
+    parser = build_parser()
+    a, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if "=" in x and not x.startswith("-")]
+    if len(stray) != len(extra) or (stray and not hasattr(a, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if stray:
+        a.overrides = [*a.overrides, *stray]
+    return a
+
+
 def _error_prefix(cmd: str) -> str:
     """``python -m trainer train``, with the rank under torchrun: one line per rank at most."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -160,9 +243,12 @@ def _error_prefix(cmd: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse, run one command; an expected failure is one line on stderr (datasvc.errors)."""
     from datasvc.errors import run_command
+    from trainer.torchrun_exit import end_torchrun_job
 
-    a = build_parser().parse_args(argv)
-    return run_command(_error_prefix(a.cmd), lambda: a.fn(a), debug=a.debug)
+    a = parse_args(argv)
+    return run_command(
+        _error_prefix(a.cmd), lambda: a.fn(a), debug=a.debug, after_report=end_torchrun_job
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasvc.errors import UserError
+
 LAST = "last.pt"
 CHECKPOINT_VERSION = 1
 
@@ -66,15 +68,70 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that cannot be resumed from: damaged, not a checkpoint, or too new."""
+
+
+DAMAGED_HINT = "use another checkpoint file (an earlier one), or start afresh"
+
+
 def load(path: str | os.PathLike) -> dict:
-    """Read a checkpoint onto the CPU (tensors and plain data only; nothing is unpickled)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint onto the CPU (tensors and plain data only; nothing is unpickled).
+
+    Raises ``CheckpointError`` naming the file when it is damaged or not a trainer checkpoint
+    (torch's own errors name neither), ``OSError`` when it cannot be opened at all.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file", "give its last.pt")
+    with open(path, "rb") as f:  # missing or unreadable: an OSError that names the file
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+            why = (str(e).splitlines() or [""])[0][:120] or type(e).__name__
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (damaged or truncated? torch says: {why})",
+                DAMAGED_HINT,
+            ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a trainer checkpoint", DAMAGED_HINT)
     version = state.get("version")
     if version != CHECKPOINT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint version {version}, this trainer reads version {CHECKPOINT_VERSION}"
         )
     return state
+
+
+def require_keys(state: dict, path: str | os.PathLike, keys: tuple[str, ...]) -> None:
+    """A checkpoint without what this use of it needs is not a trainer checkpoint."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a trainer checkpoint (it has no {', '.join(map(repr, missing))})",
+            DAMAGED_HINT,
+        )
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: str | os.PathLike) -> None:
+    """``model.load_state_dict(weights)``; weights of another model or class count are one
+    ``CheckpointError`` naming the file and what differs, not torch's list of every key."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{path}: its weights are not a state dict", DAMAGED_HINT) from e
+        own = model.state_dict()
+        missing = len(set(own) - set(weights))
+        unexpected = len(set(weights) - set(own))
+        reshaped = sum(
+            1 for k, v in weights.items() if k in own and getattr(v, "shape", None) != own[k].shape
+        )
+        raise CheckpointError(
+            f"{path}: its weights do not fit this model ({missing} missing, {unexpected} "
+            f"unexpected, {reshaped} of another shape)",
+            "use the model.* settings and class count it was saved with",
+        ) from None
 
 
 # --- RNG states --------------------------------------------------------------------------------

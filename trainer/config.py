@@ -402,14 +402,57 @@ def _set_path(d: dict, path: list[str], value, text: str) -> None:
     node[path[-1]] = value
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_config_names() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A config path as given (relative to the working directory), else a packaged config by
+    name (``digits``, ``digits.yaml`` or ``trainer/configs/digits.yaml`` from any directory)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file")
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    packaged = PACKAGED_CONFIGS / f"{stem}.yaml"
+    if packaged.is_file() and (len(path.parts) == 1 or path.parent.name == "configs"):
+        return packaged
+    raise ConfigError(
+        f"no config file {name} (looked in {Path.cwd()} and among the packaged configs)",
+        f"give a path, or a packaged name: {', '.join(packaged_config_names())}",
+    )
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (None: all defaults), apply overrides, validate once."""
+    """Read a YAML config (None: all defaults; see ``resolve_config_path`` for where it is
+    looked for), apply overrides, validate once."""
     d = {}
     if path is not None:
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
+        path = resolve_config_path(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
         _check(isinstance(d, dict), f"{path}: a config file holds a mapping of sections")
     return apply_overrides(d, overrides or [])
+
+
+def require_data_source(data: DataConfig) -> None:
+    """Training and evaluation need ``data.source``; config files may leave it to the command
+    line (the packaged ones do)."""
+    if not data.source:
+        raise ConfigError(
+            "data.source is not set",
+            "add data.source=PACK_FOLDER (or data.backend=remote data.source=tcp://HOST:PORT "
+            "data.options.pack=NAME)",
+        )
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

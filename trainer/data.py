@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from datasvc.loaders import LOADERS, create_loader
-from trainer.config import DataConfig
+from trainer.config import DataConfig, require_data_source
 
 
 def _accepts(backend: str, option: str) -> bool:
@@ -51,6 +51,7 @@ def build_loader(
     cfg: DataConfig, *, train: bool, rank: int, world_size: int, seed: int, device: torch.device
 ):
     """The train (shuffled, full batches only) or val (every sample once over ranks) loader."""
+    require_data_source(cfg)
     loader = create_loader(
         cfg.backend,
         cfg.source,
@@ -81,17 +82,17 @@ def pack_classes(cfg: DataConfig) -> list[str] | None:
             client.close()
     if isinstance(cfg.source, list | tuple):
         return None
+    from pathlib import Path
+
+    from datasvc.packs import PackError, open_pack
+
     try:
-        from datasvc.packs import open_pack
-
         return open_pack(cfg.source).classes
-    except Exception:  # noqa: BLE001 - an ImageFolder tree or an unreachable source
-        from pathlib import Path
-
+    except PackError:
         root = Path(cfg.source) / cfg.train_split
-        if root.is_dir():
+        if root.is_dir():  # an ImageFolder tree (the torch backend reads those)
             return sorted(p.name for p in root.iterdir() if p.is_dir())
-        return None
+        raise
 
 
 class DeviceBatch(NamedTuple):

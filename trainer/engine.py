@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer.config import Config, ConfigError, ModelConfig, save_config
+from trainer.config import Config, ConfigError, ModelConfig, require_data_source, save_config
 from trainer.data import DeviceLoader, build_loader, pack_classes
 from trainer.recipe import (
     BatchMixer,
@@ -113,11 +113,15 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def resolve_num_classes(cfg: Config) -> int:
+    require_data_source(cfg.data)
     if cfg.model.num_classes is not None:
         return cfg.model.num_classes
     classes = pack_classes(cfg.data)
     if not classes:
-        raise ValueError("model.num_classes is not set and the data source has no class list")
+        raise ConfigError(
+            f"model.num_classes is not set and data.source {cfg.data.source} has no class list",
+            "set model.num_classes=N",
+        )
     return len(classes)
 
 
@@ -297,7 +301,9 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch < 1:
-            raise ValueError("the train split yields no full batch per rank; lower data.batch_size")
+            raise ConfigError(
+                "the train split yields no full batch per rank; lower data.batch_size"
+            )
         mixer = BatchMixer(cfg.augment, self.num_classes, seed=tc.seed)
         self.train_batches = DeviceLoader(
             self.train_loader,
@@ -368,7 +374,8 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = ckpt.load(path)
-        self.model.load_state_dict(state["model"])
+        ckpt.require_keys(state, path, ("model", "optimizer", "scheduler", "scaler", "progress"))
+        ckpt.load_weights(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -622,7 +629,7 @@ def find_resume(cfg: Config, resume: str | bool | None) -> Path | None:
         return p if p.exists() else None
     p = Path(resume)
     if not p.exists():
-        raise FileNotFoundError(f"--resume {p}: no such checkpoint")
+        raise ckpt.CheckpointError(f"--resume-from {p}: no such checkpoint", "check the path")
     return p
 
 
@@ -645,11 +652,12 @@ def evaluate_checkpoint(cfg: Config, path: str | os.PathLike, use_ema: bool = Fa
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         state = ckpt.load(path)
+        ckpt.require_keys(state, path, ("ema",) if use_ema else ("model",))
         weights = state["ema"] if use_ema else state["model"]
         if weights is None:
-            raise ValueError(f"{path} holds no EMA weights")
+            raise ckpt.CheckpointError(f"{path} holds no EMA weights", "evaluate without --ema")
         model = prepare_model(build_model(cfg.model, resolve_num_classes(cfg)), cfg, d)
-        model.load_state_dict(weights)
+        ckpt.load_weights(model, weights, path)
         loader = build_loader(
             cfg.data,
             train=False,

@@ -28,6 +28,11 @@ def list_loaders() -> list[str]:
     return LOADERS.names()
 
 
+# Splits read for evaluation unless ``train=`` says otherwise: their samples must each be seen
+# once, unshuffled, through the eval transform.
+EVAL_SPLITS = frozenset({"val", "test"})
+
+
 def create_loader(
     backend: str,
     source,
@@ -35,7 +40,7 @@ def create_loader(
     split: str = "train",
     batch_size: int = 64,
     image_size: int = 224,
-    train: bool = True,
+    train: bool | None = None,
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
@@ -49,12 +54,16 @@ def create_loader(
     ``torch``, an ImageFolder tree; for ``remote``, endpoint(s)). ``num_workers`` are the
     processes or threads that build batches (default: one per usable core); extra ``options``
     go to the backend (e.g. ``pin_memory``, ``prefetch_factor``, ``decoder``, ``pack`` for
-    ``remote``). ``on_corrupt`` is the corrupt-record policy, the same for every backend:
-    'raise' stops at the first damaged record, 'skip' leaves it out of its batch and reports it
-    in ``loader.skipped``, up to ``max_corrupt`` records per epoch (an int count or a float
-    fraction of the rank's epoch, default 0.1%; see ``datasvc.corrupt``). ``workers`` is the
-    deprecated name of ``num_workers``."""
+    ``remote``). ``train`` (train transform, shuffling, full batches only) defaults to True
+    except for the splits named in ``EVAL_SPLITS``, which get the eval transform and every
+    sample exactly once. ``on_corrupt`` is the corrupt-record policy, the same for every
+    backend: 'raise' stops at the first damaged record, 'skip' leaves it out of its batch and
+    reports it in ``loader.skipped``, up to ``max_corrupt`` records per epoch (an int count or a
+    float fraction of the rank's epoch, default 0.1%; see ``datasvc.corrupt``). ``workers`` is
+    the deprecated name of ``num_workers``."""
     num_workers = renamed("workers", "num_workers", workers, num_workers)
+    if train is None:
+        train = split not in EVAL_SPLITS
     return LOADERS.get(backend)(
         source,
         split=split,
@@ -81,4 +90,4 @@ try:
 except ImportError:  # the service is optional at this stage
     pass
 
-__all__ = ["LOADERS", "create_loader", "list_loaders", "register_loader"]
+__all__ = ["EVAL_SPLITS", "LOADERS", "create_loader", "list_loaders", "register_loader"]

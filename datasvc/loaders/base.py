@@ -8,7 +8,7 @@ import warnings
 
 from datasvc.augment import TransformConfig
 from datasvc.corrupt import CorruptLedger, OnCorrupt, check_on_corrupt
-from datasvc.sampling import EpochSampler
+from datasvc.sampling import EpochSampler, require_batches
 
 
 def default_workers() -> int:
@@ -74,6 +74,7 @@ class Loader:
             shuffle=train,
             drop_last=train if drop_last is None else drop_last,
         )
+        require_batches(self.sampler)
         self.data_wait: list[float] = []  # seconds the consumer waited for each batch
         self.ledger = CorruptLedger(self._epoch_samples(), max_corrupt)
 
