@@ -12,8 +12,24 @@ from datasvc.decode import DecodeError, decode_eval, decode_train, image_size
 
 
 class Batch(NamedTuple):
-    """``images`` uint8 N×3×S×S RGB (channels-last in memory), ``labels`` int64 N, ``ids``
-    int64 N (indices into the pack's split)."""
+    """One batch, as every loader backend yields it (``images, labels, ids = batch``).
+
+    Args:
+        images: uint8 RGB, shape ``(N, 3, S, S)`` (N = batch size, S = image size), values
+            0..255, not normalized. The memory is channels-last: ``images`` is a permuted view
+            of an ``(N, S, S, 3)`` buffer, so ``images.is_contiguous()`` is False and
+            ``images.is_contiguous(memory_format=torch.channels_last)`` is True. Pass it as is
+            to a model in channels-last format (``model.to(memory_format=torch.channels_last)``,
+            the fast layout for convolutions on GPUs), or call ``images.contiguous()`` for a
+            contiguous NCHW copy; ``images.permute(0, 2, 3, 1)`` is the NHWC array without a
+            copy. On ``dali_gpu`` it is already on the GPU.
+        labels: int64, shape ``(N,)``: 0-based class indices (the pack's ``classes`` order).
+        ids: int64, shape ``(N,)``: the samples' ids, indices into the pack's split (what
+            augmentation is drawn from, with the seed and the epoch).
+
+    A loader may lend ``images`` from a shared slot that it reuses once every view of it has
+    been dropped; keep a batch as long as you need it, or copy it.
+    """
 
     images: object
     labels: object

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def test_import_has_no_process_wide_side_effects(clean_pack):
@@ -37,3 +39,49 @@ def test_audit_cap_lives_within_pils_bomb_guard():
     AuditConfig(max_pixels=pil_pixel_limit())
     with pytest.raises(ValueError, match="PIL's decompression-bomb limit"):
         AuditConfig(max_pixels=pil_pixel_limit() + 1)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_pack_dataset_matches_imagefolder_on_the_same_tree(clean_tree, clean_pack, split):
+    """classes, class_to_idx, (key, target) pairs and pixels as torchvision's ImageFolder has
+    them; ids follow the pack's order (train is shuffled at conversion). Files stored as they
+    were (RGB JPEGs, losslessly re-laid-out) decode to the same pixels; converted oddities
+    (CMYK, PNG) keep their size."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from datasvc.loaders import PackDataset
+
+    ours = PackDataset(clean_pack, split)
+    ref = ImageFolder(clean_tree / split)
+    assert ours.classes == ref.classes and ours.class_to_idx == ref.class_to_idx
+    assert len(ours) == len(ref)
+    by_key = {os.path.relpath(path, ref.root): (k, t) for k, (path, t) in enumerate(ref.samples)}
+    assert sorted(ours.samples) == sorted((key, t) for key, (_, t) in by_key.items())
+    assert ours.targets == [t for _, t in ours.samples] and ours.imgs is ours.samples
+    same_pixels = 0
+    for i, (key, target) in enumerate(ours.samples):
+        image, label = ours[i]
+        ref_image, ref_label = ref[by_key[key][0]]
+        assert label == ref_label == target and image.size == ref_image.size
+        with Image.open(os.path.join(ref.root, key)) as f:
+            as_stored = f.format == "JPEG" and f.mode == "RGB"
+        if as_stored:
+            assert np.array_equal(np.asarray(image), np.asarray(ref_image)), key
+            same_pixels += 1
+    assert same_pixels >= len(ours) - 2
+
+
+def test_pack_dataset_in_a_plain_dataloader(clean_pack):
+    from torchvision.transforms import v2
+
+    from datasvc.loaders import PackDataset
+
+    t = v2.Compose([v2.PILToTensor(), v2.Resize(32, antialias=True), v2.CenterCrop(32)])
+    ds = PackDataset(clean_pack, "val", transform=t, target_transform=lambda y: y + 100)
+    dl = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
+    batches = list(dl)
+    assert sum(len(x) for x, _ in batches) == len(ds) == 12
+    assert batches[0][0].shape == (5, 3, 32, 32) and batches[0][0].dtype == torch.uint8
+    assert torch.cat([y for _, y in batches]).tolist() == [t + 100 for t in ds.targets]

@@ -63,6 +63,9 @@ def test_batch_contract(backend, clean_pack):
     split = pack.split("train")
     for b in batches:
         assert b.images.dtype == torch.uint8 and tuple(b.images.shape) == (8, 3, 64, 64)
+        # the Batch docstring: channels-last memory, NCHW shape; .contiguous() is plain NCHW
+        assert b.images.is_contiguous(memory_format=torch.channels_last)
+        assert not b.images.is_contiguous() and b.images.contiguous().is_contiguous()
         assert b.labels.dtype == torch.int64 and b.ids.dtype == torch.int64
         for label, sid in zip(b.labels.tolist(), b.ids.tolist()):
             assert split[sid].label == label
@@ -98,6 +101,54 @@ def test_same_seed_same_ids(backend, clean_pack):
     c = [b.ids for b in collect(make(backend, clean_pack, seed=8))]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def _pixels_by_id(loader) -> dict[int, torch.Tensor]:
+    return {int(i): img.clone() for b in collect(loader) for i, img in zip(b.ids, b.images)}
+
+
+@pytest.fixture(scope="module")
+def served_pack(clean_pack):
+    from datasvc.service.local import LocalServer
+
+    with LocalServer([clean_pack], workers=1) as server:
+        yield server
+
+
+@pytest.mark.parametrize("backend", [*ALL, "remote"])
+def test_augmentation_is_a_pure_function_of_seed_epoch_id(backend, clean_pack, request):
+    """The README's claim, for every backend: a sample's pixels depend on (seed, epoch, id)
+    only, not on the batch it lands in, the rank and world size, the workers, or a resume;
+    another epoch draws other crops."""
+    source, kw = clean_pack, {}
+    if backend == "remote":
+        server = request.getfixturevalue("served_pack")
+        source, kw = server.endpoint, {"pack": server.pack_name}
+
+    def loader(epoch=0, **options):
+        options = {"image_size": 64, "num_workers": 1, "seed": 5, **kw, **options}
+        out = create_loader(backend, source, **options)
+        out.set_epoch(epoch)
+        return out
+
+    alone = _pixels_by_id(loader(batch_size=8))
+    shared = {}
+    for rank in (0, 1):
+        shared |= _pixels_by_id(loader(batch_size=4, rank=rank, world_size=2, num_workers=2))
+    first = loader(batch_size=4, rank=1, world_size=2)
+    with first:
+        list(itertools.islice(first, 2))  # two batches delivered, then a "crash"
+        state = first.state_dict()
+    resumed = loader(batch_size=4, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    after_resume = _pixels_by_id(resumed)
+    assert len(shared) >= 56 and len(after_resume) == 4 * (len(shared) // 8 - 2)
+    for got in (shared, after_resume):
+        for i, img in got.items():
+            assert torch.equal(img, alone[i]), f"sample {i} differs"
+    later = _pixels_by_id(loader(epoch=1, batch_size=8))
+    changed = sum(not torch.equal(later[i], alone[i]) for i in set(later) & set(alone))
+    assert changed > 0.9 * len(set(later) & set(alone))
 
 
 def test_custom_pixels_are_a_function_of_seed_epoch_id(clean_pack):

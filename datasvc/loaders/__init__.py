@@ -90,4 +90,13 @@ try:
 except ImportError:  # the service is optional at this stage
     pass
 
-__all__ = ["EVAL_SPLITS", "LOADERS", "create_loader", "list_loaders", "register_loader"]
+from datasvc.loaders.dataset import PackDataset  # noqa: E402
+
+__all__ = [
+    "EVAL_SPLITS",
+    "LOADERS",
+    "PackDataset",
+    "create_loader",
+    "list_loaders",
+    "register_loader",
+]

@@ -1,15 +1,18 @@
 """``torch``: torchvision datasets and transforms (v2) with ``torch.utils.data.DataLoader`` and
-PIL (pillow-simd when installed) — the plain baseline of the seed projects."""
+PIL (pillow-simd when installed) — the plain baseline of the seed projects. Its train crops and
+flips come from ``train_crop`` like every backend's, so they are a pure function of
+``(seed, epoch, sample id)``; torchvision's operators apply them."""
 
 from __future__ import annotations
 
 import functools
 import io
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
-from datasvc.augment import TransformConfig
+from datasvc.augment import TransformConfig, train_crop
 from datasvc.batch import Batch
 from datasvc.corrupt import CorruptRecordError, corrupt_record, read_sample
 from datasvc.loaders import register_loader
@@ -31,22 +34,45 @@ def pil_info() -> str:
     return f"pillow {PIL.__version__}" + (" (SIMD build)" if ".post" in PIL.__version__ else "")
 
 
-DECODES = ("pil", "tensor")
+#: How the torch backend decodes: PIL (or pillow-simd), or torchvision.io into a tensor.
+Decode = Literal["pil", "tensor"]
+DECODES: tuple[str, ...] = get_args(Decode)
 
 
-def build_transform(cfg: TransformConfig, decode: str = "pil"):
-    """The torchvision v2 pipeline of a ``TransformConfig``: PIL image (``decode='pil'``) or
-    uint8 CHW tensor (``'tensor'``) → uint8 CHW tensor."""
+def eval_transform(cfg: TransformConfig, decode: Decode = "pil"):
+    """torchvision v2 ``Resize`` + ``CenterCrop`` of an eval ``TransformConfig``: PIL image
+    (``decode='pil'``) or uint8 CHW tensor (``'tensor'``) → uint8 CHW tensor."""
     from torchvision.transforms import v2
 
-    if cfg.train:
-        ops = [
-            v2.RandomResizedCrop(cfg.image_size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
-            v2.RandomHorizontalFlip(cfg.hflip),
-        ]
-    else:
-        ops = [v2.Resize(cfg.resize_shorter, antialias=True), v2.CenterCrop(cfg.image_size)]
+    ops = [v2.Resize(cfg.resize_shorter, antialias=True), v2.CenterCrop(cfg.image_size)]
     return v2.Compose([*ops, v2.PILToTensor()] if decode == "pil" else ops)
+
+
+class SampleTransform:
+    """A sample's transform, torchvision's operators on the parameters every backend uses:
+    in training, the crop box and flip of ``train_crop(cfg, seed, epoch, id)`` (a pure function,
+    not the worker's RNG), then ``resized_crop`` (antialiased) and ``horizontal_flip``; in
+    evaluation, ``eval_transform``. PIL image or uint8 CHW tensor → uint8 CHW tensor."""
+
+    def __init__(self, cfg: TransformConfig, seed: int, decode: Decode = "pil"):
+        # imported here, before the DataLoader forks: each worker importing it costs seconds
+        from torchvision.transforms.v2 import functional  # noqa: F401
+
+        self.cfg, self.seed, self.decode = cfg, seed, decode
+        self._eval = None if cfg.train else eval_transform(cfg, decode)
+
+    def __call__(self, img, epoch: int, sample_id: int) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        if self._eval is not None:
+            return self._eval(img)
+        h, w = (img.height, img.width) if self.decode == "pil" else tuple(img.shape[-2:])
+        c = train_crop(self.cfg, self.seed, epoch, sample_id, h, w)
+        s = self.cfg.image_size
+        out = F.resized_crop(img, c.top, c.left, c.height, c.width, [s, s], antialias=True)
+        if c.flip:
+            out = F.horizontal_flip(out)
+        return F.pil_to_tensor(out) if self.decode == "pil" else out
 
 
 def decode_tensor(data: bytes) -> torch.Tensor:
@@ -57,71 +83,86 @@ def decode_tensor(data: bytes) -> torch.Tensor:
     return decode_image(raw, mode=ImageReadMode.RGB)
 
 
-class PackDataset(torch.utils.data.Dataset):
-    """A pack split as a torchvision-style dataset: PIL or tensor decode, v2 transforms,
-    uint8 CHW."""
+def _decode_pil(data: bytes):
+    from PIL import Image
 
-    def __init__(self, split, transform, decode: str = "pil"):
-        self.split = split
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """What the DataLoader indexes: ``(epoch, id)`` → (uint8 CHW image, label, id). The epoch
+    travels with each index, so persistent workers need no notice of ``set_epoch``."""
+
+    def __init__(self, images, transform: SampleTransform):
+        self.images = images  # id → (decoded image, label)
         self.transform = transform
-        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]):
+        """(image, label, id), or (None, entry, id) for a corrupt record: the consumer applies
+        the policy, so the error keeps its type and fields across the worker boundary."""
+        epoch, i = item
+        try:
+            img, label = self.images[i]
+        except CorruptRecordError as e:
+            return None, e.entry, i
+        return self.transform(img, epoch, i), label, i
+
+
+class _PackImages:
+    """A pack split's samples, decoded: id → (image, label)."""
+
+    def __init__(self, split, decode: Decode):
+        self.split, self.decode = split, decode
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        """(image, label, id), or (None, entry, id) for a corrupt record: the consumer applies
-        the policy, so the error keeps its type and fields across the worker boundary."""
         from PIL import Image
 
+        s = read_sample(self.split, i)
         try:
-            s = read_sample(self.split, i)
-            try:
-                if self.decode == "tensor":
-                    image = decode_tensor(s.image)
-                else:
-                    image = Image.open(io.BytesIO(s.image)).convert("RGB")
-            except (OSError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
-                raise corrupt_record(self.split, i, f"undecodable image ({s.key}): {e}") from None
-        except CorruptRecordError as e:
-            return None, e.entry, i
-        return self.transform(image), s.label, i
+            return (decode_tensor if self.decode == "tensor" else _decode_pil)(s.image), s.label
+        except (OSError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
+            raise corrupt_record(self.split, i, f"undecodable image ({s.key}): {e}") from None
 
 
-class FolderDataset(torch.utils.data.Dataset):
-    """A raw ImageFolder tree through ``torchvision.datasets.ImageFolder``."""
+class _FolderImages:
+    """A raw ImageFolder tree through ``torchvision.datasets.ImageFolder``: id → (image, label)."""
 
-    def __init__(self, root, transform, decode: str = "pil"):
+    def __init__(self, root, decode: Decode):
         from torchvision.datasets import ImageFolder
 
-        # tensor decode reads the file's bytes; PIL decode is ImageFolder's own loader
-        loader = (
-            (lambda path: decode_tensor(Path(path).read_bytes())) if decode == "tensor" else None
-        )
-        self.ds = ImageFolder(root, loader=loader) if loader else ImageFolder(root)
-
-        self.transform = transform
+        if decode == "tensor":  # tensor decode reads the file's bytes; PIL is ImageFolder's own
+            self.ds = ImageFolder(root, loader=lambda path: decode_tensor(Path(path).read_bytes()))
+        else:
+            self.ds = ImageFolder(root)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int):
         try:
-            img, label = self.ds[i]
+            return self.ds[i]
         except (OSError, ValueError) as e:  # PIL's errors for a damaged file
             path = self.ds.samples[i][0]
-            return None, CorruptRecordError(i, path, 0, f"undecodable image: {e}").entry, i
-        return self.transform(img), label, i
+            raise CorruptRecordError(i, path, 0, f"undecodable image: {e}") from None
 
 
 def _collate(items, image_size: int):
-    """Samples → (images, labels, ids, skipped entries); corrupt ones go to the entries."""
+    """Samples → (images, labels, ids, skipped entries); corrupt ones go to the entries. Images
+    are stacked into channels-last memory (N×3×S×S view of N×S×S×3), as every backend hands
+    them out."""
     good = [x for x in items if x[0] is not None]
     skipped = [x[1] for x in items if x[0] is None]
     if good:
-        images = torch.stack([x[0] for x in good])
+        images = torch.stack([x[0].permute(1, 2, 0) for x in good]).permute(0, 3, 1, 2)
     else:
-        images = torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+        images = torch.empty((0, image_size, image_size, 3), dtype=torch.uint8)
+        images = images.permute(0, 3, 1, 2)
     labels = torch.tensor([x[1] for x in good], dtype=torch.int64)
     ids = torch.tensor([x[2] for x in good], dtype=torch.int64)
     return images, labels, ids, skipped
@@ -135,8 +176,9 @@ class _CursorBatches:
         self.start = 0
 
     def __iter__(self):
+        epoch = self.sampler.epoch
         for b in range(self.start, len(self.sampler)):
-            yield self.sampler.batch(b).tolist()
+            yield [(epoch, i) for i in self.sampler.batch(b).tolist()]
 
     def __len__(self) -> int:
         return len(self.sampler) - self.start
@@ -159,7 +201,7 @@ class TorchLoader(Loader):
         num_workers: int | None = None,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
-        decode: str = "pil",
+        decode: Decode = "pil",
         workers: int | None = None,
         **common,
     ):
@@ -169,12 +211,12 @@ class TorchLoader(Loader):
         self.decode = decode
         source = Path(source)
         if (source / MANIFEST_NAME).exists():
-            self.dataset = PackDataset(open_pack(source).split(split), None, decode)
+            images = _PackImages(open_pack(source).split(split), decode)
         else:
             root = source / split if (source / split).is_dir() else source
-            self.dataset = FolderDataset(root, None, decode)
-        super().__init__(len(self.dataset), **common)
-        self.dataset.transform = build_transform(self.cfg, decode)
+            images = _FolderImages(root, decode)
+        super().__init__(len(images), **common)
+        self.dataset = _EpochItems(images, SampleTransform(self.cfg, self.seed, decode))
         self.num_workers = default_workers() if num_workers is None else num_workers
         self._batch_sampler = _CursorBatches(self.sampler)
         kw = {}
