@@ -11,6 +11,12 @@ import sys
 import time
 
 
+def _epochs(loader, first: int, count: int):
+    for epoch in range(first, first + count):
+        loader.set_epoch(epoch)
+        yield from loader
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("endpoints")
@@ -19,7 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--epoch", type=int, default=0, help="the first epoch")
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--request-timeout", type=float, default=30.0)
     p.add_argument("--dead-after", type=float, default=60.0)
@@ -39,9 +46,8 @@ def main(argv=None) -> int:
     images = 0
     t_start = None
     with loader:
-        loader.set_epoch(a.epoch)
         t = time.perf_counter()
-        for i, b in enumerate(loader):
+        for i, b in enumerate(_epochs(loader, a.epoch, a.epochs)):
             now = time.perf_counter()
             waits.append(now - t)
             if i == a.warmup:

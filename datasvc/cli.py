@@ -1,4 +1,4 @@
-"""``datasvc``: sample | convert | adopt | verify | inspect | bench | serve | keys.
+"""``datasvc``: sample | convert | adopt | verify | inspect | bench | serve | status | keys.
 
 Every command is a ``Command`` in ``COMMANDS``. Those whose code lives in other packages
 (``convert`` in ``converters``, ``bench`` in ``benchmarks``) register themselves through the
@@ -134,6 +134,18 @@ def _serve(a) -> int:
     return serve_main(a)
 
 
+def _status_args(st: argparse.ArgumentParser) -> None:
+    from datasvc.service.status import add_arguments
+
+    add_arguments(st)
+
+
+def _status(a) -> int:
+    from datasvc.service.status import main as status_main
+
+    return status_main(a)
+
+
 def _keys_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("dir")
     k.add_argument("--name", default="client")
@@ -159,6 +171,7 @@ register_command(
 register_command("verify", Command("check every record of a pack", _verify_args, _verify))
 register_command("inspect", Command("describe a pack", _inspect_args, _inspect))
 register_command("serve", Command("serve uint8 batches over ZeroMQ", _serve_args, _serve))
+register_command("status", Command("a live table of servers, one line each", _status_args, _status))
 register_command("keys", Command("make a CurveZMQ key pair", _keys_args, _keys))
 
 

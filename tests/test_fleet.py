@@ -209,3 +209,57 @@ def test_crop_segments_refused_for_eval_requests(clean_pack):
                 list(client.fetch([req]))
         finally:
             client.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_prometheus_metrics_and_status_table(small_pack, capsys):
+    pytest.importorskip("prometheus_client")
+    from datasvc.cli import main as cli_main
+    from datasvc.service.client import BatchClient, RemoteError
+    from datasvc.service.protocol import BatchRequest
+
+    port = free_port()
+    extra = ["--metrics-port", str(port), "--metrics-addr", "127.0.0.1"]
+    with LocalServer([small_pack], workers=1, extra=extra) as server:
+        ids = rank_ids(server.endpoint, 0, 4)  # 64 batches of 2
+        client = BatchClient(server.endpoint, pack="small", dead_after=10)
+        try:
+            bad = BatchRequest("small", "train", True, 32, 0, 0, 0, 1, 2, 10**6)
+            with pytest.raises(RemoteError, match="range"):
+                list(client.fetch([bad]))
+        finally:
+            client.close()
+        m = scrape(port)
+        assert cli_main(["status", server.endpoint, "tcp://127.0.0.1:1", "--once",
+                         "--interval", "0.2", "--timeout", "1"]) == 0  # fmt: skip
+    assert m[("datasvc_images_served_total", ())] == len(ids) == 128
+    assert m[("datasvc_requests_total", (("outcome", "ok"),))] == 64
+    assert m[("datasvc_requests_total", (("outcome", "range"),))] == 1
+    assert m[("datasvc_request_latency_seconds_count", ())] == 64
+    assert m[("datasvc_queue_depth", ())] == 0
+    clients = [k for k in m if k[0] == "datasvc_client_images_total"]
+    assert 1 <= len(clients) <= 33 and sum(m[k] for k in clients) == 128
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["endpoint", "state", "uptime"]
+    assert lines[1].split()[:2] == [server.endpoint, "up"] and lines[1].split()[6] == "128"
+    assert lines[2].split()[:2] == ["tcp://127.0.0.1:1", "down"]

@@ -33,6 +33,7 @@ from datasvc.service.builders import (
     builder_index,
 )
 from datasvc.service.clients import ClientTable, FairQueue
+from datasvc.service.metrics import LatencyHistogram, outcome_label
 from datasvc.service.protocol import (
     MAX_REQUEST_BYTES,
     BatchRequest,
@@ -64,6 +65,8 @@ class Stats:
     # builder index → epoch listings its process has computed (from its latest reply)
     listings: dict = field(default_factory=dict)
     restarts: int = 0  # builders replaced after dying
+    outcomes: collections.Counter = field(default_factory=collections.Counter)  # by metric label
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     deaths: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_DEATHS)
     )
@@ -99,6 +102,7 @@ class Task:
     builder: int | None = None
     slot: int | None = None
     deaths: int = 0  # builders that died while building it
+    received: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class BrokerConfig:
     hwm: int = 64
     limits: Limits = field(default_factory=Limits)
     announce: str | None = None  # endpoints file to add this server to while it serves
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one)
+    metrics_addr: str = "0.0.0.0"
     advertise: str | None = None  # the endpoint written there (default: the bound one)
 
 
@@ -200,6 +206,10 @@ class Broker:
         self.front = self._front_socket()
         self.front.bind(c.bind)
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.metrics_port is not None:
+            from datasvc.service.metrics import start_metrics_server
+
+            start_metrics_server(self, self.config.metrics_port, self.config.metrics_addr)
         if self.config.announce:
             from datasvc.service.membership import advertised_endpoint, announce
 
@@ -373,6 +383,7 @@ class Broker:
         self._queue.done(task)
         self.stats.errors += 1
         self.stats.clients[task.client].errors += 1
+        self.stats.outcomes["crash"] += 1
         message = (
             f"{MAX_BUILD_DEATHS} builders died building {self._describe(task)} "
             f"(last: {cause}); this request is not retried"
@@ -437,7 +448,9 @@ class Broker:
         else:
             self.stats.errors += 1
             cs.errors += 1
+        self.stats.outcomes[outcome_label(None if header.get("ok") else header.get("error"))] += 1
         self.front.send_multipart([task.client, *out], copy=False)
+        self.stats.latency.observe(time.monotonic() - task.received)
 
     # --- clients' messages ------------------------------------------------------------------
 
@@ -456,15 +469,21 @@ class Broker:
             refusal = self._queue.refusal(client)
             if refusal:
                 self.stats.busy += 1
+                self.stats.outcomes["busy"] += 1
                 cs.busy += 1
                 self.front.send_multipart([client, error_header(rid, "busy", refusal)])
                 return
             self._enqueue(client, rid, frames[1])
         except ProtocolError as e:
             self.stats.errors += 1
+            self.stats.outcomes[outcome_label(e.code)] += 1
             cs.errors += 1
             rid = e.request_id if rid is None else rid
             self.front.send_multipart([client, error_header(rid, e.code, str(e))])
+
+    def queue_depth(self) -> int:
+        """Requests queued, not yet given to a builder (read by the metrics thread)."""
+        return self._queue.queued
 
     def _enqueue(self, client: bytes, rid, frame) -> None:
         task = Task(self._next_task, client, rid, frame)
@@ -477,6 +496,8 @@ class Broker:
         if header["op"] == "stats":
             body = self.stats.as_dict(self.config.builders)
             body["packs"] = self.sizes
+            body["queued"] = self._queue.queued
+            body["builders"] = self.config.builders
             body["builder_pids"] = [self.pool.pids.get(i) for i in range(self.config.builders)]
             body["builders_busy"] = sorted(self._holding)
             return pack_header({"id": rid, "ok": True, "op": "stats", "stats": body})

@@ -75,6 +75,15 @@ def add_arguments(p) -> None:
 
 def _add_fleet_arguments(p) -> None:
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (needs datasvc[metrics])",
+    )
+    p.add_argument(
+        "--metrics-addr", default="0.0.0.0", help="address for --metrics-port (default: all)"
+    )
+    p.add_argument(
         "--announce",
         metavar="FILE",
         help="add this server's endpoint to FILE (one a line) while it serves and remove it "
@@ -115,6 +124,8 @@ def main(a) -> int:
                 limits=Limits(a.max_batch_mb, a.max_eval_resize, a.credits or builders + 2),
                 announce=a.announce,
                 advertise=a.advertise,
+                metrics_port=a.metrics_port,
+                metrics_addr=a.metrics_addr,
             )
         )
     except (ValueError, KeyError, OSError) as e:
