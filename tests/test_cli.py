@@ -71,7 +71,7 @@ def test_every_command_is_registered_and_the_serve_path_loads_no_other_package()
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     ).stdout.splitlines()
     assert out[0] == str(
-        ["adopt", "bench", "convert", "inspect", "keys", "sample", "serve", "verify"]
+        ["adopt", "bench", "convert", "inspect", "keys", "sample", "serve", "status", "verify"]
     )
     assert out[1] == "[]", f"the serve path imported {out[1]}"
     assert out[2] == "1"
