@@ -19,13 +19,16 @@ $(STAMP): pyproject.toml setup.py scripts/install-apt.sh scripts/install-pillow-
 
 install: $(STAMP)
 
-# The main job on the built-in sample: make it, convert it, verify it, and benchmark the loaders.
+# The main job on the built-in sample: make it, convert it, verify it, benchmark the loaders and
+# the storage backends (warm and cold).
 demo: install
 	$(BIN)/datasvc sample $(OUT)/sample --classes 10 --per-class 48
 	$(BIN)/datasvc convert $(OUT)/sample $(OUT)/packs/sample-lmdb --format lmdb --workers 2
 	$(BIN)/datasvc verify $(OUT)/packs/sample-lmdb --decode
 	$(BIN)/datasvc inspect $(OUT)/packs/sample-lmdb
 	$(BIN)/datasvc bench $(OUT)/packs/sample-lmdb --json $(OUT)/bench.json --plot $(OUT)/bench.png
+	$(BIN)/datasvc bench --io $(OUT)/packs/sample-lmdb --repeats 1 --read-ahead-methods fadvise \
+		--json $(OUT)/bench-io.json --plot $(OUT)/bench-io.png
 
 test: install
 	$(BIN)/python -m pytest

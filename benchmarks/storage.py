@@ -6,7 +6,8 @@ them) and cold (their pages dropped with ``posix_fadvise(DONTNEED)`` right befor
 epoch, and ``mincore`` asked how much is still resident, reported): a bare read loop over the
 epoch's random order (MB/s, records/s) and the images/s of a whole loader epoch: ``custom``
 for the packs, the ``torch`` backend's folder mode for the files. A second table measures
-``custom`` cold against warm with each read-ahead method and without one.
+``custom`` cold against warm with each read-ahead method and without one: a warm and a cold
+epoch back to back for each, their ratio taken pair by pair.
 
 Every measurement is the first epoch of a fresh loader (so no worker keeps pages mapped, and
 cold and warm pay the same start-up); storages, states and methods take turns within each
@@ -182,9 +183,12 @@ def set_cache(files: list[Path], state: str) -> float:
 # --- measurements -----------------------------------------------------------------------------
 
 
-def read_loop(kind: str, path: Path, split: str, order) -> tuple[int, float]:
-    """Read every record's bytes in ``order``, one after another: (bytes, seconds)."""
+def read_loop(kind: str, path: Path, split: str, order, read_ahead=None) -> tuple[int, float]:
+    """Read every record's bytes in ``order``, one after another: (bytes, seconds); on a pack,
+    ``read_ahead`` (a method) advises the next records as ``custom`` does, one batch of 64 at
+    a time within its 64 MiB window."""
     from datasvc.packs import open_pack
+    from datasvc.packs.readahead import ReadAhead
 
     if kind == "folder":
         files = storage_files(kind, path, split)
@@ -194,11 +198,24 @@ def read_loop(kind: str, path: Path, split: str, order) -> tuple[int, float]:
                 n += len(f.read())
         return n, time.perf_counter() - t
     sp = open_pack(path).split(split)
+    batches = [order[b : b + 64] for b in range(0, len(order), 64)]
     t, n = time.perf_counter(), 0
-    for i in order:
-        shard, local = sp.locate(int(i))
-        n += len(sp.shard(shard).raw(local))
+    ra = (
+        ReadAhead(sp, batches.__getitem__, 0, len(batches), method=read_ahead)
+        if read_ahead
+        else None
+    )
+    for b, ids in enumerate(batches):
+        if ra is not None:
+            ra.fill()
+        for i in ids:
+            shard, local = sp.locate(int(i))
+            n += len(sp.shard(shard).raw(local))
+        if ra is not None:
+            ra.done(b)
     dt = time.perf_counter() - t
+    if ra is not None:
+        ra.close()
     sp.close()
     return n, dt
 
@@ -235,12 +252,19 @@ def measure_storage(kind, path, a, workers, state, order) -> dict:
     files = storage_files(kind, path, a.split)
     resident_read = set_cache(files, state)
     nbytes, dt = read_loop(kind, path, a.split, order)
+    ahead_mb = None
+    if kind != "folder":  # the same loop with read-ahead: IO alone, without decoding
+        resident_ahead = set_cache(files, state)
+        resident_read = max(resident_read, resident_ahead) if state == "cold" else resident_read
+        ahead_bytes, ahead_dt = read_loop(kind, path, a.split, order, "fadvise")
+        ahead_mb = ahead_bytes / ahead_dt / 1e6
     resident_epoch = set_cache(files, state)
     ips = loader_epoch(kind, path, a, workers, "fadvise")
     return {
         "resident_before_read": resident_read,
         "resident_before_epoch": resident_epoch,
         "mb_per_s": nbytes / dt / 1e6,
+        "read_ahead_mb_per_s": ahead_mb,
         "records_per_s": len(order) / dt,
         "images_per_s": ips,
         "bytes": nbytes,
@@ -248,12 +272,18 @@ def measure_storage(kind, path, a, workers, state, order) -> dict:
 
 
 def measure_read_ahead(kind, path, a, workers, method) -> dict:
-    """One cold ``custom`` epoch with ``method`` (None: no read-ahead)."""
+    """A warm and a cold ``custom`` epoch with ``method`` (None: no read-ahead), back to back,
+    so that the pair shares whatever else the machine is doing; their ratio is the figure."""
     files = storage_files(kind, path, a.split)
+    warm_resident = set_cache(files, "warm")
+    warm = loader_epoch(kind, path, a, workers, method)
     resident = set_cache(files, "cold")
+    cold = loader_epoch(kind, path, a, workers, method)
     return {
         "resident_before_epoch": resident,
-        "images_per_s": loader_epoch(kind, path, a, workers, method),
+        "warm_resident_before_epoch": warm_resident,
+        "images_per_s": cold,
+        "warm_images_per_s": warm,
     }
 
 
@@ -293,6 +323,9 @@ def summarize(storage_runs: list[dict], ahead_runs: list[dict], methods) -> dict
                 if state == "cold"
                 else min(min(r["resident_before_read"], r["resident_before_epoch"]) for r in rs),
                 "mb_per_s": _median(rs, "mb_per_s"),
+                "read_ahead_mb_per_s": None
+                if kind == "folder"
+                else _median(rs, "read_ahead_mb_per_s"),
                 "records_per_s": _median(rs, "records_per_s"),
                 "images_per_s": _median(rs, "images_per_s"),
                 "vs_warm": _ratio(rs, warm),
@@ -301,20 +334,19 @@ def summarize(storage_runs: list[dict], ahead_runs: list[dict], methods) -> dict
             }
             storage.append(row)
     for kind in ("lmdb", "tfrecord"):
-        warm = [r[kind, "warm"] for r in storage_runs]
         for method in (None, *methods):
             rs = [r[kind, method] for r in ahead_runs]
+            pairs = [r["images_per_s"] / r["warm_images_per_s"] for r in rs]
             ahead.append(
                 {
                     "storage": kind,
                     "read_ahead": method or "none",
                     "resident_before": max(r["resident_before_epoch"] for r in rs),
+                    "warm_resident_before": min(r["warm_resident_before_epoch"] for r in rs),
                     "cold_images_per_s": _median(rs, "images_per_s"),
-                    "warm_images_per_s": _median(warm, "images_per_s"),
-                    "cold_vs_warm": _ratio(rs, warm),
-                    "cold_vs_warm_rounds": [
-                        x["images_per_s"] / y["images_per_s"] for x, y in zip(rs, warm)
-                    ],
+                    "warm_images_per_s": _median(rs, "warm_images_per_s"),
+                    "cold_vs_warm": statistics.median(pairs),
+                    "cold_vs_warm_rounds": pairs,
                 }
             )
     return {"storage": storage, "read_ahead": ahead}
@@ -345,11 +377,12 @@ def run_io(a) -> dict:
         s, r = _round(sets, a, workers, methods, order)
         storage_runs.append(s)
         ahead_runs.append(r)
-        lm = s["lmdb", "warm"]["images_per_s"]
         print(
-            f"round {rnd + 1}: custom on lmdb warm {lm:.0f} images/s, cold "
-            + ", ".join(
-                f"{m or 'none'} {r['lmdb', m]['images_per_s'] / lm:.2f}x" for m in (None, *methods)
+            f"round {rnd + 1}: custom cold / warm: "
+            + "; ".join(
+                f"{k} {m or 'none'} {r[k, m]['images_per_s'] / r[k, m]['warm_images_per_s']:.2f}"
+                for k in ("lmdb", "tfrecord")
+                for m in (None, *methods)
             ),
             file=sys.stderr,
             flush=True,
@@ -379,6 +412,7 @@ STORAGE_COLUMNS = [
     ("mb_per_s", "read MB/s"),
     ("records_per_s", "records/s"),
     ("read_vs_warm", "read vs warm"),
+    ("read_ahead_mb_per_s", "read + read-ahead MB/s"),
     ("loader", "loader"),
     ("images_per_s", "images/s"),
     ("vs_warm", "vs warm"),

@@ -83,6 +83,7 @@ def test_bench_io_writes_storage_tables_and_json(clean_pack, tmp_path):
     assert set(rows) == {(s, c) for s in ("lmdb", "tfrecord", "folder") for c in ("warm", "cold")}
     for (storage, cache), row in rows.items():
         assert row["mb_per_s"] > 0 and row["records_per_s"] > 0 and row["images_per_s"] > 0
+        assert (row["read_ahead_mb_per_s"] is None) == (storage == "folder")
         assert row["loader"] == ("custom" if storage != "folder" else "torch (ImageFolder, PIL)")
         if cache == "cold":
             assert row["resident_before"] < 0.10, row  # it really was cold
@@ -94,6 +95,7 @@ def test_bench_io_writes_storage_tables_and_json(clean_pack, tmp_path):
     }
     for row in ahead.values():
         assert row["resident_before"] < 0.10 and row["cold_vs_warm"] > 0
+        assert row["warm_resident_before"] > 0.90
     cfg = res["config"]
     assert cfg["images"] == 64 and cfg["workers"] == 1 and "commit" in res and "machine" in res
     # the three storages hold the same bytes
