@@ -556,3 +556,138 @@ def test_trainer_checkpoint_of_another_model(tmp_path, clean_pack):
     r = trainer("eval", "--config", "digits", f"data.source={clean_pack}", "--checkpoint", ck,
                 "data.num_workers=1", timeout=30)  # fmt: skip
     assert_one_line_error(r, "python -m trainer eval", str(ck), "do not fit", "2 of another shape")
+
+
+# ---------------------------------------------------------------- damaged LMDB shards
+
+
+def _lmdb_shard(pack: Path) -> Path:
+    return sorted((pack / "train").glob("*.lmdb"))[0]
+
+
+def test_verify_damaged_lmdb_pages(pack_copy):
+    """Pages inside the B-tree overwritten: each unreadable record is one DAMAGED line, and a
+    record after a damaged page is read with a fresh transaction (not reported as damaged
+    because the last one was)."""
+    shard = _lmdb_shard(pack_copy)
+    with open(shard, "r+b") as f:
+        f.seek(4096 * 8)  # the fixture pack's B-tree pages for the first records
+        f.write(bytes([0xA5]) * 4096 * 4)
+    r = datasvc("verify", pack_copy, "-q")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    damaged = [ln for ln in r.stderr.splitlines() if ln.startswith("DAMAGED")]
+    assert damaged and all(shard.name in ln for ln in damaged), r.stderr
+    assert "damaged LMDB page" in r.stderr and "MDB_BAD_TXN" not in r.stderr, r.stderr
+    records = json.loads((pack_copy / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert len(damaged) < records[0]["num_records"]  # the records after it still read
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "header"])
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_unreadable_lmdb_shard(how, command, pack_copy):
+    shard = _lmdb_shard(pack_copy)
+    if how == "truncated":
+        os.truncate(shard, shard.stat().st_size // 3)  # a SIGBUS, were it mapped and read
+    elif how == "empty":
+        os.truncate(shard, 0)
+    else:
+        with open(shard, "r+b") as f:
+            f.write(b"\x00" * 8192)  # both meta pages
+    r = datasvc(command, pack_copy, *(["-q"] if command == "verify" else []))
+    assert "Traceback" not in r.stderr and r.returncode == 1, r.stderr
+    if command == "verify":
+        damaged = [ln for ln in r.stderr.splitlines() if ln.startswith("DAMAGED")]
+        assert len(damaged) == 1 and shard.name in damaged[0], r.stderr
+    else:
+        assert_one_line_error(r, "datasvc inspect", shard.name)
+
+
+# ---------------------------------------------------------------- convert (sources, outputs)
+
+
+def test_convert_output_inside_source(sample_tree):
+    before = tree_state(sample_tree)
+    r = datasvc("convert", sample_tree, sample_tree / "out", "-q")
+    assert_one_line_error(r, "datasvc convert", "inside the source")
+    assert tree_state(sample_tree) == before  # no empty extra class folder for the next run
+
+
+def test_convert_source_inside_output(sample_tree):
+    out = sample_tree.parent
+    before = tree_state(out)
+    r = datasvc("convert", sample_tree, out, "-q")
+    assert_one_line_error(r, "datasvc convert", "inside the output")
+    assert tree_state(out) == before
+
+
+@pytest.mark.parametrize("layout", ["empty", "flat", "plain_imagefolder"])
+def test_convert_layouts_it_cannot_take(layout, sample_tree, tmp_path):
+    src = tmp_path / layout
+    if layout == "empty":
+        src.mkdir()
+        cause = "empty folder"
+    elif layout == "flat":
+        src.mkdir()
+        for p in sorted(sample_tree.rglob("*.JPEG")):
+            shutil.copy(p, src / f"{p.parent.name}_{p.name}")
+        cause = "flat folder of images"
+    else:
+        shutil.copytree(sample_tree / "train", src)
+        cause = "class folders at the top level"
+    r = datasvc("convert", src, tmp_path / "out", "-q")
+    assert_one_line_error(r, "datasvc convert", cause, "SRC/<split>/<class>/<image>")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_read_only_output(sample_tree, tmp_path):
+    if os.geteuid() == 0:  # root writes through permission bits: a read-only file system
+        out = Path("/sys/datasvc-bad-input-pack")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        out = ro / "pack"
+    r = datasvc("convert", sample_tree, out, "-q")
+    assert_one_line_error(r, "datasvc convert", str(out), "cannot write")
+    assert not out.exists()
+
+
+def test_convert_symlink_loop_counts_each_file_once(sample_tree, tmp_path):
+    """Exit 0 (a loop is not an error), the summary says so, and the pack is the loop-free
+    one: the issue's 80 images that became 880."""
+    plain = datasvc("convert", sample_tree, tmp_path / "plain", "-q", timeout=60)
+    assert plain.returncode == 0, plain.stderr
+    cls = sorted((sample_tree / "train").iterdir())[0]
+    (cls / "loop").symlink_to("..")
+    looped = datasvc("convert", sample_tree, tmp_path / "looped", "-q", timeout=60)
+    assert looped.returncode == 0 and "Traceback" not in looped.stderr, looped.stderr
+    assert "reached twice" in looped.stdout + looped.stderr
+    a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("plain", "looped"))
+    for split in ("train", "val"):
+        assert a["splits"][split]["num_samples"] == b["splits"][split]["num_samples"]
+        assert [s["digest"] for s in a["splits"][split]["shards"]] == [
+            s["digest"] for s in b["splits"][split]["shards"]
+        ]
+
+
+# ---------------------------------------------------------------- the service
+
+
+@pytest.mark.parametrize("field", ["epoch", "seed"])
+def test_rejected_request_errors_within_request_timeout(field, clean_pack):
+    """A request the server rejects is answered with its id: the client raises at once
+    instead of waiting forever on a server that keeps answering no."""
+    from datasvc.service.client import BatchClient, RemoteError
+    from datasvc.service.local import LocalServer
+    from datasvc.service.protocol import BatchRequest
+
+    fields = {"seed": 0, "epoch": 0, field: -1}
+    req = BatchRequest("pack", "train", True, 32, fields["seed"], fields["epoch"], 0, 1, 8, 0)
+    with LocalServer([clean_pack], workers=1) as s:
+        c = BatchClient(s.endpoint, dead_after=30, request_timeout=3)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError, match=field):
+                list(c.fetch([req]))
+            assert time.monotonic() - t0 < 3
+        finally:
+            c.close()

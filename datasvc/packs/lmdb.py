@@ -180,6 +180,22 @@ def _read_txn(path: Path) -> lmdb.Transaction:
     return txn
 
 
+def _renew_txn(path: Path) -> None:
+    """A fresh read transaction for ``path``: LMDB leaves one that met a damaged page unusable
+    (MDB_BAD_TXN), so without this every later record of the shard would seem damaged too."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_dev, st.st_ino)
+    entry = _ENVS.get(key)
+    if entry is None or entry[0] != os.getpid():
+        return
+    try:
+        entry[2].abort()
+    except lmdb.Error:
+        pass
+    _ENVS[key] = (entry[0], entry[1], entry[1].begin(buffers=False))
+
+
 def close_environments() -> None:
     """Close this process's read-only environments, unmapping their shards (so that their
     pages can leave the page cache); readers reopen on their next read. Close the readers
@@ -213,8 +229,17 @@ class LMDBShardReader:
         return self._len
 
     def raw(self, index: int) -> bytes:
-        value = self._get_txn().get(record_key(index))
+        try:
+            value = self._get_txn().get(record_key(index))
+        except lmdb.Error as e:  # a damaged B-tree page: MDB_CORRUPTED, MDB_PAGE_NOTFOUND
+            self._txn = None
+            _renew_txn(self.path)
+            raise CorruptSampleError(
+                f"{self.path} record {index}: damaged LMDB page ({e})"
+            ) from None
         if value is None:
+            if 0 <= index < len(self):  # counted, but its key is gone: a damaged tree
+                raise CorruptSampleError(f"{self.path} record {index}: missing from its shard")
             raise IndexError(f"{self.path}: no record {index}")
         return value
 
