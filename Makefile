@@ -12,7 +12,7 @@ PILLOW_SIMD ?= 1
 $(STAMP): pyproject.toml setup.py scripts/install-apt.sh scripts/install-pillow-simd.sh datasvc/_jpegcrop.c
 	scripts/install-apt.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	DATASVC_REQUIRE_EXTENSION=1 $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	if [ "$(PILLOW_SIMD)" = 1 ]; then scripts/install-pillow-simd.sh $(BIN)/python; fi
 	$(BIN)/python -c "import datasvc.decode as d; print('crop-aware decoder:', d.CROP_DECODER)"
 	touch $@

@@ -1,25 +1,36 @@
-"""Builds the optional crop-aware JPEG decoder (datasvc._jpegcrop) over the libjpeg API.
+"""Builds the crop-aware JPEG decoder (datasvc._jpegcrop) over the libjpeg API.
 
-The extension is optional: when libjpeg's headers are missing the build goes on without it and
-datasvc.decode falls back to a library decoder.
+For users the extension is optional: when it cannot be built (no libjpeg headers) the install
+goes on with a warning and datasvc.decode falls back to a library decoder. With
+``DATASVC_REQUIRE_EXTENSION=1`` (set by the Makefile, so by CI) a failed build is an error.
 """
+
+import os
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+
+REQUIRED = os.environ.get("DATASVC_REQUIRE_EXTENSION", "") not in ("", "0")
 
 
 class OptionalBuildExt(build_ext):
     def run(self):
         try:
             super().run()
-        except Exception as e:  # noqa: BLE001 - any compiler failure leaves the fallback in place
-            print(f"WARNING: datasvc._jpegcrop not built ({e}); using the library decoder")
+        except Exception as e:  # noqa: BLE001 - a compiler failure: the fallback, unless required
+            self._failed("datasvc._jpegcrop", e)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001
-            print(f"WARNING: {ext.name} not built ({e}); using the library decoder")
+            self._failed(ext.name, e)
+
+    @staticmethod
+    def _failed(name, e):
+        if REQUIRED:
+            raise
+        print(f"WARNING: {name} not built ({e}); using the library decoder (slower crops)")
 
 
 def extensions():

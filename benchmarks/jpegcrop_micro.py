@@ -239,7 +239,7 @@ def time_passes(passes: list[Callable[[], None]], repeats: int) -> list[tuple[fl
     return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100, help="number of images")
     ap.add_argument("--repeats", type=int, default=5)
@@ -252,18 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         help="std of the Gaussian noise added before encoding (raises bits/px: 3 gives "
         "~1.7, 12 gives ~3; real ImageNet files average ~4-5)",
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    cv2.setNumThreads(1)
-    images = make_images(args.n, args.seed, args.large_frac, args.noise)
-    rng = np.random.default_rng(args.seed + 1)
-    sizes = [jc.info(d)[:2] for d in images]
-    boxes = [rrc_box(W, H, rng) for W, H in sizes]
 
-    # sanity: the fast path is the same image as the library decoders
-    first = images[0]
-    assert np.array_equal(full_ours(first, None), full_simplejpeg(first, None))
-
+def describe_inputs(images: list[bytes], sizes, boxes, repeats: int) -> None:
+    """What the images and crop boxes are, and the libraries measured."""
     px = np.array([W * H for W, H in sizes], dtype=np.float64)
     nbytes = np.array([len(d) for d in images], dtype=np.float64)
     scales = [auto_scale(b[2], b[3]) for b in boxes]
@@ -278,33 +271,26 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"s={s}: {scales.count(s)}" for s in (1, 2, 4, 8))
     )
     print(
-        f"single thread, median of {args.repeats} interleaved passes after a warm-up pass; "
+        f"single thread, median of {repeats} interleaved passes after a warm-up pass; "
         f"libjpeg-turbo headers {jc.LIBJPEG_TURBO_VERSION}, simplejpeg {simplejpeg.__version__}, "
         f"OpenCV {cv2.__version__}, Pillow {Image.__version__}\n"
     )
 
-    # the same files as `datasvc convert` stores them by default (lossless: same pixels)
+
+def layout_variants(images: list[bytes]) -> dict:
+    """The files as found, as `datasvc convert` stores them by default (segmented, lossless:
+    same pixels), and the same coefficients without restart markers (what the markers cost:
+    libjpeg-turbo takes its slower Huffman path in any JPEG with a restart interval)."""
     segmented = [jc.transcode(d) for d in images]
-    assert np.array_equal(full_simplejpeg(segmented[0], None), full_simplejpeg(first, None))
-    # the same coefficients re-encoded without restart markers: what the markers cost
-    # (libjpeg-turbo takes its slower Huffman path in any JPEG with a restart interval)
-    variants = {
+    assert np.array_equal(full_simplejpeg(segmented[0], None), full_simplejpeg(images[0], None))
+    return {
         False: images,
         True: segmented,
         "sequential": [jc.transcode(d, restart=0) for d in images],
     }
-    n = len(images)
-    passes = [
-        make_pass(decoder, is_crop, resize, variants[seg], boxes)
-        for _, decoder, is_crop, seg in CONFIGS
-        for resize in (False, True)
-    ]
-    times = time_passes(passes, args.repeats)
-    rows = []
-    for k, (name, _, _, _) in enumerate(CONFIGS):
-        (dw, dc), (rw, rc) = times[2 * k], times[2 * k + 1]
-        rows.append((name, [(n / dw, n / dc), (n / rw, n / rc)]))
 
+
+def print_table(rows: list) -> None:
     base_d, base_r = rows[0][1][0][1], rows[0][1][1][1]  # simplejpeg full, cpu
     hdr = (
         f"{'configuration':<32}{'decode img/s':>13}{'(wall)':>8}{'x':>7}"
@@ -321,6 +307,31 @@ def main(argv: list[str] | None = None) -> int:
         "\nimg/s from the thread's CPU time (wall-clock in parentheses); x: relative to "
         "simplejpeg full decode (+ slice + resize in the right half)."
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cv2.setNumThreads(1)  # this process is the benchmark: one decoding thread
+    images = make_images(args.n, args.seed, args.large_frac, args.noise)
+    rng = np.random.default_rng(args.seed + 1)
+    sizes = [jc.info(d)[:2] for d in images]
+    boxes = [rrc_box(W, H, rng) for W, H in sizes]
+    # sanity: the fast path is the same image as the library decoders
+    assert np.array_equal(full_ours(images[0], None), full_simplejpeg(images[0], None))
+    describe_inputs(images, sizes, boxes, args.repeats)
+    variants = layout_variants(images)
+    passes = [
+        make_pass(decoder, is_crop, resize, variants[seg], boxes)
+        for _, decoder, is_crop, seg in CONFIGS
+        for resize in (False, True)
+    ]
+    times = time_passes(passes, args.repeats)
+    n = len(images)
+    rows = []
+    for k, (name, _, _, _) in enumerate(CONFIGS):
+        (dw, dc), (rw, rc) = times[2 * k], times[2 * k + 1]
+        rows.append((name, [(n / dw, n / dc), (n / rw, n / rc)]))
+    print_table(rows)
     return 0
 
 

@@ -10,11 +10,11 @@ the loader's whole process tree, so shared pages are not counted twice.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import shutil
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ import psutil
 from benchmarks.cli import add_arguments
 from benchmarks.report import bar_plot, machine, markdown_table, write_json
 
+log = logging.getLogger(__name__)
 CACHE = Path(os.environ.get("DATASVC_CACHE", Path.home() / ".cache" / "datasvc"))
 
 
@@ -38,7 +39,7 @@ def sample_pack() -> Path:
         return pack
     tree = CACHE / "bench-sample-v2" / "tree"
     shutil.rmtree(tree.parent, ignore_errors=True)
-    print(f"making the benchmark sample under {tree.parent} (once)", file=sys.stderr)
+    log.info("making the benchmark sample under %s (once)", tree.parent)
     write_sample(tree, classes=10, per_class=100, val_per_class=25, seed=0)
     convert(tree, pack, ConvertConfig(workers=2), progress=False)
     shutil.rmtree(tree, ignore_errors=True)
@@ -228,6 +229,105 @@ def bench_entry(name, source, a, workers, epochs, exclude, warmup, **kw) -> dict
     return bench_backend(backend, source, a, workers, epochs, exclude, warmup, **options, **kw)
 
 
+def _local_server(backends: list[str], pack: str, workers: int):
+    """A ``datasvc serve`` of the pack on 127.0.0.1 when ``remote`` is benchmarked."""
+    if "remote" not in backends:
+        return None
+    try:
+        from datasvc.service.local import LocalServer
+
+        return LocalServer([pack], workers=workers).start()
+    except Exception as e:  # noqa: BLE001 - reported as the remote row's reason
+        log.warning("remote: local server failed: %s", e)
+        return None
+
+
+def _one_round(rnd: int, a, pack: str, backends, workers: int, server, runs, limit) -> tuple:
+    """Each backend once, beside the decode bounds measured at the start of the round (the
+    reusing and the plain decode); returns those two."""
+    bound, plain = limit.once(reuse=True), limit.once(reuse=False)
+    for backend in backends:
+        kw, source = {}, pack
+        if backend == "remote":
+            if server is None:
+                runs[backend].append(
+                    {"status": "unavailable", "reason": "local server did not start"}
+                )
+                continue
+            source, kw = server.endpoint, {"pack": server.pack_name}
+        # 3 timed epochs a round: ~1.5 s of work, so start-up noise weighs little;
+        # round 1 also shows that memory stays flat.
+        other = server.pid if server is not None and backend != "remote" else None
+        r = bench_entry(backend, source, a, workers, 3, other, a.warmup, **kw)
+        r["limit"], r["plain"] = bound, plain
+        runs[backend].append(r)
+        rate = statistics.median(r["rates"]) if r["status"] == "ok" else None
+        msg = f"{rate:.0f} images/s" if rate else f"unavailable: {r['reason']}"
+        log.info("round %d: %s: %s (decode limit %.0f)", rnd + 1, backend, msg, bound)
+    return bound, plain
+
+
+def _summary_row(backend: str, rs: list[dict], pack: str, workers: int, server_stats) -> dict:
+    """One backend's rounds → its row: medians over rounds, ratios taken within a round."""
+    if not rs or rs[0]["status"] != "ok":
+        reason = rs[0]["reason"] if rs else "not run"
+        return {"backend": backend, "status": "unavailable", "reason": reason}
+    per_round = [statistics.median(r["rates"]) for r in rs]
+    ips = statistics.median(per_round)
+    row = {
+        "backend": backend,
+        "status": "ok",
+        "reason": "",
+        "images_per_s": ips,
+        "images_per_s_per_core": ips / workers,
+        "vs_decode_limit": statistics.median(x / r["limit"] for x, r in zip(per_round, rs)),
+        "vs_plain_decode": statistics.median(x / r["plain"] for x, r in zip(per_round, rs)),
+        "cpu_util": statistics.median(c for r in rs for c in r["cpu"]),
+        "peak_rss_mb": round(max(r["peak_mb"] for r in rs), 1),
+        "memory_mb_per_epoch": rs[0]["memory_mb_per_epoch"],
+        "rounds": per_round,
+    }
+    row.update(_backend_details(backend, pack, workers))
+    if backend in NOTES:
+        row["note"] = NOTES[backend] + (f"; {row['dali']}" if "dali" in row else "")
+    if backend == "remote":
+        row.update(server_stats or {})
+    return row
+
+
+def _backend_details(backend: str, pack: str, workers: int) -> dict:
+    """What the row should say about the backend's libraries and the pack's layout."""
+    if backend == "torch":
+        from datasvc.loaders.torchvision_loader import pil_info
+
+        return {"pil": pil_info()}
+    if backend == "custom":
+        from datasvc.decode import CROP_DECODER
+        from datasvc.packs import open_pack
+
+        # packs written before the option existed hold the files' own bytes
+        layout = open_pack(pack).manifest["options"].get("jpeg_layout", "original")
+        return {"decoder": CROP_DECODER, "jpeg_layout": layout}
+    if backend.startswith("dali"):
+        import nvidia.dali
+
+        return {"dali": f"DALI {nvidia.dali.__version__}, {workers} threads"}
+    return {}
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """``vs_<reference>`` on every row: the median of per-round ratios against DALI's CPU
+    pipelines and the torch baseline (the stronger of PIL and tensor decode, round by round)."""
+    ok = {r["backend"]: r for r in results if r["status"] == "ok"}
+    refs = {k: ok[k]["rounds"] for k in ("dali_cpu", "dali_native") if k in ok}
+    torches = [ok[k]["rounds"] for k in ("torch", "torch_tensor") if k in ok]
+    if torches:
+        refs["torch"] = [max(xs) for xs in zip(*torches)]
+    for r in ok.values():
+        for ref, ys in refs.items():
+            r[f"vs_{ref}"] = statistics.median(x / y for x, y in zip(r["rounds"], ys))
+
+
 def run(a) -> dict:
     """Backends and the decode limit are measured round-robin, ``repeats`` rounds, so that
     whatever else the machine does weighs on all of them alike; ratios are taken within a
@@ -238,115 +338,31 @@ def run(a) -> dict:
     pack = str(a.pack or sample_pack())
     workers = a.workers or len(os.sched_getaffinity(0))
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    print(
-        f"pack {pack}, split {a.split}, batch {a.batch_size}, image {a.image_size}, "
-        f"{workers} workers, {a.repeats} rounds (warm-up epoch excluded)",
-        file=sys.stderr,
+    log.info(
+        "pack %s, split %s, batch %d, image %d, %d workers, %d rounds (warm-up excluded)",
+        *(pack, a.split, a.batch_size, a.image_size, workers, a.repeats),
     )
     limit = DecodeLimit(pack, a.split, workers)
-    server = None
-    if "remote" in backends:
-        try:
-            from datasvc.service.local import LocalServer
-
-            server = LocalServer([pack], workers=workers).start()
-        except Exception as e:  # noqa: BLE001
-            print(f"remote: local server failed: {e}", file=sys.stderr)
+    server = _local_server(backends, pack, workers)
     runs: dict[str, list[dict]] = {b: [] for b in backends}
-    limits, plain = [], []
+    server_stats, limits, plain = None, [], []
     try:
         for rnd in range(a.repeats):
-            limits.append(limit.once(reuse=True))
-            plain.append(limit.once(reuse=False))
-            for backend in backends:
-                kw, source = {}, pack
-                if backend == "remote":
-                    if server is None:
-                        runs[backend].append(
-                            {"status": "unavailable", "reason": "local server did not start"}
-                        )
-                        continue
-                    source, kw = server.endpoint, {"pack": server.pack_name}
-                # 3 timed epochs a round: ~1.5 s of work, so start-up noise weighs little;
-                # round 1 also shows that memory stays flat.
-                other = server.pid if server is not None and backend != "remote" else None
-                r = bench_entry(backend, source, a, workers, 3, other, a.warmup, **kw)
-                r["limit"], r["plain"] = limits[-1], plain[-1]
-                runs[backend].append(r)
-                msg = (
-                    f"{statistics.median(r['rates']):.0f} images/s"
-                    if r["status"] == "ok"
-                    else f"unavailable: {r['reason']}"
-                )
-                print(
-                    f"round {rnd + 1}: {backend}: {msg} (decode limit {limits[-1]:.0f})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        if server is not None:
-            server_stats = server.stats()
+            bound, plain_rate = _one_round(rnd, a, pack, backends, workers, server, runs, limit)
+            limits.append(bound)
+            plain.append(plain_rate)
+        server_stats = server.stats() if server is not None else None
     finally:
         limit.close()
         if server is not None:
             server.stop()
-    results = []
-    for backend in backends:
-        rs = runs[backend]
-        if not rs or rs[0]["status"] != "ok":
-            results.append(
-                {
-                    "backend": backend,
-                    "status": "unavailable",
-                    "reason": rs[0]["reason"] if rs else "not run",
-                }
-            )
-            continue
-        per_round = [statistics.median(r["rates"]) for r in rs]
-        ips = statistics.median(per_round)
-        row = {
-            "backend": backend,
-            "status": "ok",
-            "reason": "",
-            "images_per_s": ips,
-            "images_per_s_per_core": ips / workers,
-            "vs_decode_limit": statistics.median(x / r["limit"] for x, r in zip(per_round, rs)),
-            "vs_plain_decode": statistics.median(x / r["plain"] for x, r in zip(per_round, rs)),
-            "cpu_util": statistics.median(c for r in rs for c in r["cpu"]),
-            "peak_rss_mb": round(max(r["peak_mb"] for r in rs), 1),
-            "memory_mb_per_epoch": rs[0]["memory_mb_per_epoch"],
-            "rounds": per_round,
-        }
-        if backend == "torch":
-            from datasvc.loaders.torchvision_loader import pil_info
+    results = [_summary_row(b, runs[b], pack, workers, server_stats) for b in backends]
+    _add_ratios(results)
+    return _report(a, pack, workers, results, (limits, plain, limit.n))
 
-            row["pil"] = pil_info()
-        if backend == "custom":
-            from datasvc.decode import CROP_DECODER
-            from datasvc.packs import open_pack
 
-            row["decoder"] = CROP_DECODER
-            # packs written before the option existed hold the files' own bytes
-            row["jpeg_layout"] = open_pack(pack).manifest["options"].get("jpeg_layout", "original")
-        if backend.startswith("dali"):
-            import nvidia.dali
-
-            row["dali"] = f"DALI {nvidia.dali.__version__}, {workers} threads"
-        if backend in NOTES:
-            row["note"] = NOTES[backend] + (f"; {row['dali']}" if "dali" in row else "")
-        if backend == "remote":
-            row.update(server_stats)
-        row["_per_round"] = per_round
-        results.append(row)
-    ok = {r["backend"]: r for r in results if r["status"] == "ok"}
-    refs = {k: ok[k]["_per_round"] for k in ("dali_cpu", "dali_native") if k in ok}
-    torches = [ok[k]["_per_round"] for k in ("torch", "torch_tensor") if k in ok]
-    if torches:  # the torch baseline is the stronger of PIL and tensor decode, round by round
-        refs["torch"] = [max(xs) for xs in zip(*torches)]
-    for r in ok.values():
-        for ref, ys in refs.items():
-            r[f"vs_{ref}"] = statistics.median(x / y for x, y in zip(r["_per_round"], ys))
-    for r in ok.values():
-        r.pop("_per_round")
+def _report(a, pack: str, workers: int, results: list[dict], bounds: tuple) -> dict:
+    limits, plain, n_images = bounds
     config = {
         "pack": pack,
         "split": a.split,
@@ -359,7 +375,7 @@ def run(a) -> dict:
     lim = {
         "images_per_s": statistics.median(limits),
         "rounds": limits,
-        "images": limit.n,
+        "images": n_images,
         "workers": workers,
         "decoder": "simplejpeg (libjpeg-turbo), full image, no resize",
     }

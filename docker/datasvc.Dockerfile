@@ -12,7 +12,7 @@ COPY trainer trainer
 COPY benchmarks benchmarks
 # The base install only: packs, conversion, the server and the CPU decoders, no torch (the
 # service runs no models; tests/test_install.py checks this set serves a converted pack).
-RUN pip install --no-cache-dir . \
+RUN DATASVC_REQUIRE_EXTENSION=1 pip install --no-cache-dir . \
  && python -c "import datasvc.decode as d; print('crop-aware decoder:', d.CROP_DECODER)"
 RUN useradd --create-home datasvc
 USER datasvc

@@ -85,3 +85,15 @@ def test_pack_dataset_in_a_plain_dataloader(clean_pack):
     assert sum(len(x) for x, _ in batches) == len(ds) == 12
     assert batches[0][0].shape == (5, 3, 32, 32) and batches[0][0].dtype == torch.uint8
     assert torch.cat([y for _, y in batches]).tolist() == [t + 100 for t in ds.targets]
+
+
+def test_the_crop_decoder_was_built():
+    """The C extension is optional for users (the fallback decodes whole images), but this
+    suite and every figure in BENCHMARKS.md need it: a failed build fails CI here."""
+    from datasvc.decode import CROP_DECODER, DECODERS
+
+    assert CROP_DECODER == "turbo_crop", (
+        "datasvc._jpegcrop was not built: install libjpeg-turbo's headers "
+        "(scripts/install-apt.sh), then `python setup.py build_ext --inplace`"
+    )
+    assert "turbo_crop" in DECODERS

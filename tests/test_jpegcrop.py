@@ -1,6 +1,7 @@
 """Tests for the crop-aware JPEG decoder extension datasvc._jpegcrop.
 
-Build it first: ``python setup.py build_ext --inplace``.
+Build it first: ``python setup.py build_ext --inplace``. Without it this module fails to
+import, loudly, as ``test_api.py::test_the_crop_decoder_was_built`` fails: CI needs it built.
 """
 
 from __future__ import annotations
@@ -12,23 +13,15 @@ import threading
 import time
 import zlib
 
-import numpy as np
-import pytest
-
-try:
-    from datasvc import _jpegcrop as jc
-except ImportError as exc:  # pragma: no cover - only when the extension was not built
-    pytest.skip(
-        f"datasvc._jpegcrop is not built ({exc}); run `python setup.py build_ext --inplace`",
-        allow_module_level=True,
-    )
-
 import cv2
+import numpy as np
 import PIL.features
+import pytest
 import simplejpeg
 from PIL import Image
 
 from converters.layout import segment_interval
+from datasvc import _jpegcrop as jc
 
 # Pillow, simplejpeg and (usually) OpenCV decode with libjpeg-turbo's ISLOW IDCT and fancy
 # upsampling, as the extension does by default: their pixels match exactly.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -368,10 +370,31 @@ def test_duplicate_registration_raises():
     assert "resnet50" in MODELS
 
 
-def test_list_models():
+def _documented_models() -> dict[str, float]:
+    """MODELS.md's "Parameters and cost" table: model name → params (M) as printed."""
+    text = (Path(__file__).resolve().parents[1] / "trainer/models/MODELS.md").read_text()
+    table = text.split("## Parameters and cost", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ")]
+    return {name.strip(): float(params) for name, params in rows[1:]}  # past the header row
+
+
+def test_list_models_is_the_documented_zoo():
+    """Every registered model has its row in MODELS.md and every row names a registered
+    model: adding or dropping one without documenting it shows here."""
     names = list_models()
-    assert names == sorted(names) and len(names) == len(MODELS)
+    assert names == sorted(names) and set(names) == set(MODELS.names())
+    assert sorted(_documented_models()) == names
     assert list_models("*resnet101") == [n for n in names if n.endswith("resnet101")]
+
+
+@pytest.mark.slow
+def test_documented_parameter_counts_are_exact():
+    documented = _documented_models()
+    for name in list_models():
+        with torch.device("meta"):
+            model = create_model(name)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        assert round(params, 3) == documented[name], name
 
 
 # --- (d) attention modules -------------------------------------------------------------------
