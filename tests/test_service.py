@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -499,3 +500,184 @@ def test_greedy_client_gets_busy_others_finish(clean_pack):
     assert [results.get(r) for r in range(3)] == [expected] * 3
     assert st["busy"] >= 5 * credits
     assert max(c["busy"] for c in st["clients"].values()) == st["busy"], "only the greedy one"
+
+
+# --- clean start and stop ------------------------------------------------------------------
+
+
+def _leftovers(marker: str) -> list[str]:
+    """Processes still running whose environment carries ``marker`` (our TMPDIR)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get("TMPDIR") == marker:
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _failed_start(tmp_path, *args) -> tuple[str, float]:
+    """Run ``datasvc serve ARGS`` that must fail: → (its stderr, seconds it took); checks that
+    it left no process and no temporary folder."""
+    import subprocess
+    import sys
+
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir(exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(own_tmp))
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "datasvc.cli", "serve", *map(str, args), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    took = time.monotonic() - t0
+    time.sleep(0.2)  # a leftover builder would still be there
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert _leftovers(str(own_tmp)) == []
+    assert list(own_tmp.iterdir()) == []
+    errors = [ln for ln in r.stderr.splitlines() if ": error:" in ln]
+    assert len(errors) == 1 and errors[0].startswith("datasvc serve: error: "), r.stderr
+    return errors[0], took
+
+
+def test_port_in_use_fails_fast_and_clean(clean_pack, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line, took = _failed_start(tmp_path, clean_pack, "--bind", f"tcp://127.0.0.1:{port}")
+    assert f"cannot bind tcp://127.0.0.1:{port}: the port is in use" in line
+    assert "choose another --bind" in line and took < 5
+
+
+@pytest.fixture
+def keys(tmp_path):
+    from datasvc.service.auth import write_keypair
+
+    write_keypair(tmp_path / "server", "server")
+    pub, _ = write_keypair(tmp_path / "clients", "alice")
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "alice.key").write_bytes(pub.read_bytes())
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "secret, allow, message",
+    [
+        ("server/missing.key_secret", "allowed", "missing.key_secret: no such file"),
+        ("server/server.key", "allowed", "holds only a public key"),
+        ("server/server.key_secret", "nowhere", "--curve-allow .*nowhere: no such folder"),
+        ("server/server.key_secret", "empty", "holds no .key file, so every client"),
+    ],
+)
+def test_bad_curve_setup_fails_fast_and_clean(clean_pack, keys, secret, allow, message):
+    import re
+
+    args = ["--curve-secret", keys / secret, "--curve-allow", keys / allow]
+    line, took = _failed_start(keys, clean_pack, *args)
+    assert re.search(message, line), line
+    assert took < 5
+
+
+def test_curve_allow_any_accepts_any_key(clean_pack, keys):
+    from datasvc.service.auth import write_keypair
+
+    write_keypair(keys / "strangers", "mallory")
+    extra = ["--curve-secret", str(keys / "server" / "server.key_secret"), "--curve-allow-any"]
+    with LocalServer([clean_pack], workers=1, extra=extra) as s:
+        loader = remote(
+            s.endpoint,
+            curve_client_key=str(keys / "strangers" / "mallory.key_secret"),
+            curve_server_key=str(keys / "server" / "server.key"),
+        )
+        assert len(run(loader, 2)) == 2
+
+
+def test_sighup_rereads_the_allow_list(clean_pack, keys):
+    """Bob is refused until his key is copied in and the server gets SIGHUP; Alice, removed
+    the same way, is refused on her open connection."""
+    from datasvc.service.auth import write_keypair
+
+    bob_pub, _ = write_keypair(keys / "clients", "bob")
+    server_key = str(keys / "server" / "server.key")
+    extra = [
+        "--curve-secret",
+        str(keys / "server" / "server.key_secret"),
+        "--curve-allow",
+        str(keys / "allowed"),
+    ]
+
+    def as_(name, **kw):
+        key = str(keys / "clients" / f"{name}.key_secret")
+        return remote(s.endpoint, curve_client_key=key, curve_server_key=server_key, **kw)
+
+    with LocalServer([clean_pack], workers=1, extra=extra) as s:
+        alice = as_("alice")
+        alice_batches = iter(alice)
+        next(alice_batches)
+        with pytest.raises(AuthenticationError, match="refused this client's CURVE key"):
+            as_("bob")
+        (keys / "allowed" / "bob.key").write_bytes(bob_pub.read_bytes())
+        (keys / "allowed" / "alice.key").unlink()
+        os.kill(s.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "allow-list re-read" not in s.log.read_text():
+            assert time.monotonic() < deadline, s.log.read_text()
+            time.sleep(0.05)
+        assert len(run(as_("bob"), 2)) == 2
+        with pytest.raises(RemoteError, match="no longer on the server's allow-list"):
+            list(alice_batches)
+        alice.close()
+
+
+def test_sigterm_drains_and_the_client_moves_to_the_other_server(clean_pack):
+    """SIGTERM to one of two servers mid-epoch: it finishes what it holds and exits 0; the
+    client gets every batch exactly once, from the other server, well before any timeout."""
+    with LocalServer([clean_pack], workers=1) as a, LocalServer([clean_pack], workers=1) as b:
+        reference = run(remote(b.endpoint, seed=6, batch_size=4))
+        loader = remote(f"{a.endpoint},{b.endpoint}", seed=6, batch_size=4, request_timeout=30)
+        it = iter(loader)
+        got = [next(it) for _ in range(3)]
+        t0 = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        got += list(it)
+        took = time.monotonic() - t0
+        assert a.proc.wait(timeout=10) == 0
+        log = a.log.read_text()
+        loader.close()
+    assert "draining" in log and "drained" in log
+    assert took < 10, "moved on at once, not after request_timeout"
+    assert [x.ids.tolist() for x in got] == [x.ids.tolist() for x in reference]
+    assert all(torch.equal(x.images, y.images) for x, y in zip(got, reference))
+
+
+def test_rejected_request_errors_within_request_timeout(server):
+    """A request the server rejects (a negative epoch) raises at once: the error reply carries
+    its id, and error replies are not progress that keeps the client waiting."""
+    c = BatchClient(server.endpoint, request_timeout=3, dead_after=60)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RemoteError, match=r"range: .*epoch=-1 is outside"):
+            list(c.fetch([BatchRequest("pack", "train", True, 64, 0, -1, 0, 1, 8, 0)]))
+    finally:
+        c.close()
+    assert time.monotonic() - t0 < 3
+
+
+def test_unreachable_endpoints_named_with_the_time_waited():
+    with pytest.raises(NoServerError) as e:
+        remote("tcp://127.0.0.1:9,tcp://127.0.0.1:7", dead_after=1.5)
+    message = str(e.value)
+    assert "tcp://127.0.0.1:9 (no connection)" in message
+    assert "tcp://127.0.0.1:7 (no connection)" in message
+    assert re.search(r"in 1\.\ds", message), message

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import msgpack
 
-from datasvc.service.auth import is_loopback, load_keypair
+from datasvc.errors import UserError
+from datasvc.service.auth import allowed_keys, is_loopback, load_keypair
 from datasvc.service.builders import (
     DONE,
     READY,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 SLOTS_PER_BUILDER = 2  # one batch being sent while the next is built
 MAX_BUILD_DEATHS = 3  # builders that died holding one request: then it fails (no crash loop)
 RECENT_DEATHS = 10  # builder deaths listed in stats
+DRAIN_LINGER_S = 0.5  # a draining server answers "draining" at least this long before exiting
 
 
 @dataclass
@@ -115,8 +117,10 @@ class BrokerConfig:
     engine: str = "auto"
     curve_secret: str | None = None
     curve_allow: str | None = None
+    curve_allow_any: bool = False
     insecure: bool = False
     log_interval: float = 10.0
+    drain_timeout: float = 30.0  # SIGTERM: seconds for the batches in flight, then exit
     max_queue: int = 1024
     hwm: int = 64
     limits: Limits = field(default_factory=Limits)
@@ -152,8 +156,8 @@ class Broker:
             )
         if c.engine not in ("auto", "process", "thread"):
             raise ValueError(f"engine must be 'auto', 'process' or 'thread', got {c.engine!r}")
-        if bool(c.curve_secret) != bool(c.curve_allow):
-            raise ValueError("--curve-secret and --curve-allow go together")
+        if bool(c.curve_secret) != bool(c.curve_allow or c.curve_allow_any):
+            raise ValueError("--curve-secret and --curve-allow (or --curve-allow-any) go together")
         self.config = c
         # Process builders hand batches over in shared slots (no copy, no GIL) and matched
         # threads on a 2-core machine (BENCHMARKS.md); threads remain an option.
@@ -164,7 +168,12 @@ class Broker:
         self.sizes, self.classes, self.digests = _pack_sizes(c.packs)
         self.stats = Stats()
         self.endpoint = None
-        self._stop = False
+        self._stop = False  # stop now (a second SIGTERM, or SIGINT twice)
+        self._draining = False  # finish what is in flight, refuse new work, then stop
+        self._drain_deadline = 0.0
+        self._reload = False  # SIGHUP: re-read the CURVE allow-list
+        self._allowed: set | None = None  # allowed client keys (z85), None: any
+        self._announced = None
         self._queue = FairQueue(self.stats.clients, c.limits.credits, c.max_queue)
         self._tasks: dict[int, Task] = {}  # by number: queued or held by a builder
         self._next_task = 0
@@ -178,13 +187,31 @@ class Broker:
         self._tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
         self._ctx = self.front = self.back = self._auth = self.pool = None
         self.ring = SlotRing(self.config.builders, SLOTS_PER_BUILDER, self.slot_bytes)
+        previous = {
+            sig: signal.signal(sig, handler)
+            for sig, handler in (
+                (signal.SIGTERM, self._on_stop_signal),
+                (signal.SIGINT, self._on_stop_signal),
+                (signal.SIGHUP, lambda *_: setattr(self, "_reload", True)),
+            )
+        }
         try:
             self._start()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: setattr(self, "_stop", True))
             self._loop()
         finally:
             self._close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_stop_signal(self, *_) -> None:
+        """The first SIGTERM/SIGINT drains; a second one stops at once."""
+        if self._draining or self.endpoint is None:
+            self._stop = True
+        else:
+            self._draining = True
+            self._drain_deadline = time.monotonic() + self.config.drain_timeout
+            # Requests already on their way get their "draining" reply, not silence.
+            self._drain_linger = time.monotonic() + DRAIN_LINGER_S
 
     def _start(self) -> None:
         import zmq
@@ -204,7 +231,25 @@ class Broker:
         if inproc:
             self.pool = ThreadBuilders(c.packs, c.builders, self.ring, backend, self._ctx)
         self.front = self._front_socket()
-        self.front.bind(c.bind)
+        self._bind_front()
+        log.info(
+            "%s packs %s workers %d%s",
+            self.endpoint,
+            json.dumps(self.sizes),
+            c.builders,
+            " curve" if self._auth else "",
+        )
+
+    def _bind_front(self) -> None:
+        import zmq
+
+        try:
+            self.front.bind(self.config.bind)
+        except zmq.ZMQError as e:
+            raise UserError(
+                f"cannot bind {self.config.bind}: {e.strerror}",
+                "stop the other server on that port or choose another --bind",
+            ) from None
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.config.metrics_port is not None:
             from datasvc.service.metrics import start_metrics_server
@@ -215,13 +260,14 @@ class Broker:
 
             self._announced = advertised_endpoint(self.endpoint, self.config.advertise)
             announce(self.config.announce, self._announced)
-        log.info(
-            "%s packs %s workers %d%s",
-            self.endpoint,
-            json.dumps(self.sizes),
-            c.builders,
-            " curve" if self._auth else "",
-        )
+
+    def _withdraw(self) -> None:
+        """Take this server out of its --announce file: clients stop asking it."""
+        if self._announced:
+            from datasvc.service.membership import withdraw
+
+            withdraw(self.config.announce, self._announced)
+            self._announced = None
 
     def _front_socket(self):
         import zmq
@@ -239,25 +285,27 @@ class Broker:
                 raise ValueError(f"{self.config.curve_secret} holds no secret key")
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(self.config.curve_allow))
+            if self.config.curve_allow_any:
+                self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            else:
+                self._allowed = {k.decode() for k in allowed_keys(self.config.curve_allow)}
+                self._auth.configure_curve(domain="*", location=str(self.config.curve_allow))
             front.curve_publickey, front.curve_secretkey = pub, sec
             front.curve_server = True
         return front
 
     def _close(self) -> None:
-        if getattr(self, "_announced", None):
-            from datasvc.service.membership import withdraw
-
-            withdraw(self.config.announce, self._announced)  # first: clients stop asking
-            self._announced = None
+        self._withdraw()  # first: clients stop asking
         started = self.endpoint is not None
         if self.pool is not None:
             self._stop_builders(grace=3.0 if started else 0.0)
         if self._auth:
             self._auth.stop()
-        for s in (self.front, self.back):
-            if s is not None:
-                s.close(0)
+        if self.front is not None:
+            # After a drain, let the last replies leave (bounded: a client may not read).
+            self.front.close(linger=1000 if self._draining else 0)
+        if self.back is not None:
+            self.back.close(0)
         if self._ctx is not None and not (self.pool and self.pool.any_alive()):
             self._ctx.term()  # a thread builder still holding a socket would block term()
         self.ring.close()
@@ -296,8 +344,21 @@ class Broker:
         if self.pool.supervised:
             poller.register(self.pool.fileno(), zmq.POLLIN)
         last_log, last_images = time.time(), 0
+        drain_logged = False
         while not self._stop:
-            events = dict(poller.poll(500))
+            if self._draining:
+                if not drain_logged:
+                    self._begin_drain()
+                    drain_logged = True
+                if time.monotonic() > self._drain_deadline or (
+                    not self._tasks and time.monotonic() > self._drain_linger
+                ):
+                    self._end_drain()
+                    return
+            if self._reload:
+                self._reload = False
+                self._reload_allow_list()
+            events = dict(poller.poll(100 if self._draining else 500))
             if self.pool.supervised and self.pool.fileno() in events:
                 self._on_pool_events(self.pool.events())
             if self.back in events:
@@ -311,6 +372,42 @@ class Broker:
             if self.config.log_interval and now - last_log >= self.config.log_interval:
                 self._log_stats((self.stats.images - last_images) / (now - last_log))
                 last_log, last_images = now, self.stats.images
+
+    def _begin_drain(self) -> None:
+        self._withdraw()
+        log.info(
+            "draining: %d requests in flight finish (at most %.0fs); new ones are answered "
+            "'draining'",
+            len(self._tasks),
+            self.config.drain_timeout,
+        )
+
+    def _end_drain(self) -> None:
+        if self._tasks:
+            log.warning("drain timeout: %d requests left unanswered", len(self._tasks))
+        log.info("drained; %d batches served; exiting", self.stats.batches)
+
+    def _reload_allow_list(self) -> None:
+        """SIGHUP: re-read --curve-allow; keys no longer there are refused from now on, on new
+        and open connections alike. A folder that cannot be read keeps the old list."""
+        if self._allowed is None:
+            log.info("SIGHUP: no allow-list to re-read (none given, or --curve-allow-any)")
+            return
+        folder = self.config.curve_allow
+        try:
+            keys = {k.decode() for k in allowed_keys(folder)} if Path(folder).is_dir() else set()
+        except UserError as e:
+            log.error("SIGHUP: %s; keeping the previous allow-list", e)
+            return
+        if not keys:
+            log.error("SIGHUP: %s is missing or empty; keeping the previous allow-list", folder)
+            return
+        self._auth.configure_curve(domain="*", location=str(folder))
+        added, removed = len(keys - self._allowed), len(self._allowed - keys)
+        self._allowed = keys
+        log.info(
+            "SIGHUP: allow-list re-read: %d keys (%d added, %d revoked)", len(keys), added, removed
+        )
 
     def _log_stats(self, rate: float) -> None:
         st = self.stats.as_dict(self.config.builders)
@@ -462,9 +559,12 @@ class Broker:
         try:
             header, req = parse_request([f.bytes for f in frames[1:]])
             rid = header.get("id")
+            self._check_allowed(frames[1])
             if req is None:
                 self.front.send_multipart([client, self._control_reply(header)])
                 return
+            if self._draining:
+                raise ProtocolError("draining", "this server is stopping; ask another one")
             self._check(req)
             refusal = self._queue.refusal(client)
             if refusal:
@@ -484,6 +584,13 @@ class Broker:
     def queue_depth(self) -> int:
         """Requests queued, not yet given to a builder (read by the metrics thread)."""
         return self._queue.queued
+
+    def _check_allowed(self, frame) -> None:
+        """A client whose key was revoked (SIGHUP) is refused even on an open connection."""
+        if self._allowed is not None and frame.get("User-Id") not in self._allowed:
+            raise ProtocolError(
+                "auth", "this client's CURVE key is no longer on the server's allow-list"
+            )
 
     def _enqueue(self, client: bytes, rid, frame) -> None:
         task = Task(self._next_task, client, rid, frame)
@@ -511,6 +618,7 @@ class Broker:
                 "digests": self.digests,
                 "workers": self.config.builders,
                 "limits": self.config.limits.as_dict(),
+                "draining": self._draining,
             }
         )
 

@@ -18,6 +18,7 @@ server within moments, unless another server has accepted this client.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import logging
@@ -500,8 +501,7 @@ class _Fetch:
                 ep.inflight -= 1
                 ep.timeouts += 1
                 ep.suspect_until = now + c.request_timeout
-                if index not in self.done:
-                    self.pending.appendleft(index)
+                self._requeue(index)
         if now - self.progress > c.dead_after:
             raise c._no_server("delivered a batch", self.progress)
 
@@ -541,9 +541,19 @@ class _Fetch:
             if owner.state == READY:
                 log.info("datasvc server %s is draining; using the other servers", owner.address)
                 owner.state = JOINING  # no new requests until it serves again
+            # Everything else asked there is asked elsewhere now (the first reply wins), not
+            # after request_timeout: a draining server may exit before reading it.
+            for rid in [r for r, (_, e, _) in self.inflight.items() if e is owner]:
+                self._requeue(self.inflight.pop(rid)[0])
+                owner.inflight -= 1
         else:
             raise RemoteError(code, f"{owner.address}: {header.get('message', '')}")
-        self.pending.appendleft(index)
+        self._requeue(index)
+
+    def _requeue(self, index: int) -> None:
+        """Ask ``index`` again; pending stays in batch order (the window counts from it)."""
+        if index not in self.done and index not in self.pending:
+            bisect.insort(self.pending, index)
 
 
 __all__ = [

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from datasvc.errors import UsageError, UserError
 from datasvc.service.broker import Broker, BrokerConfig
 from datasvc.service.protocol import DEFAULT_MAX_BATCH_MB, DEFAULT_MAX_EVAL_RESIZE, Limits
 
@@ -41,7 +42,22 @@ def add_arguments(p) -> None:
         help="batch-building processes (default: the cores this process may use)",
     )
     p.add_argument("--curve-secret", help="server key file (from `datasvc keys`) with its secret")
-    p.add_argument("--curve-allow", help="folder of allowed clients' public .key files")
+    p.add_argument(
+        "--curve-allow",
+        help="folder of allowed clients' public .key files (SIGHUP re-reads it)",
+    )
+    p.add_argument(
+        "--curve-allow-any",
+        action="store_true",
+        help="with --curve-secret: encrypt, but accept any client key (no allow-list)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to finish the batches in flight before exiting "
+        "(default: %(default)s; a second SIGTERM exits at once)",
+    )
     p.add_argument("--insecure", action="store_true", help="allow plain TCP beyond loopback")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between stats lines")
     p.add_argument(
@@ -107,29 +123,92 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+def check_curve(secret: str | None, allow: str | None, allow_any: bool) -> None:
+    """Every key file and the allow folder, before anything starts: a mistake here is one line
+    (``UserError``) instead of a server that refuses everyone or a traceback."""
+    from datasvc.service.auth import check_allow_folder, check_secret_key
+
+    if allow_any and allow:
+        raise UsageError("--curve-allow-any and --curve-allow exclude each other", "give one")
+    if (allow or allow_any) and not secret:
+        raise UsageError(
+            "--curve-allow needs --curve-secret", "give the server's .key_secret file too"
+        )
+    if secret and not (allow or allow_any):
+        raise UsageError(
+            "--curve-secret needs --curve-allow FOLDER (the allowed clients' public keys)",
+            "or --curve-allow-any to accept any client key",
+        )
+    if secret:
+        check_secret_key(secret)
+    if allow:
+        check_allow_folder(allow)
+
+
+def check_bind(bind: str) -> None:
+    """A tcp port already in use, found before any process starts."""
+    import errno
+    import socket
+    from urllib.parse import urlparse
+
+    if not bind.startswith("tcp://"):
+        return
+    u = urlparse(bind)
+    try:
+        port = u.port
+    except ValueError:
+        return  # a wildcard port, '*': ZeroMQ picks a free one
+    if not port:
+        return
+    host = u.hostname or ""
+    host = "" if host in ("*", "0.0.0.0") else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"cannot bind {bind}: the port is in use",
+                    "stop the other server on it or choose another --bind port",
+                ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(
+                    f"cannot bind {bind}: no such address on this host",
+                    "bind an address of this host, or tcp://0.0.0.0:PORT",
+                ) from None
+
+
 def main(a) -> int:
+    """``datasvc serve``: check everything it was given, then serve until SIGTERM (drain) or
+    SIGINT; exit 0. Expected failures raise ``UserError`` (one line, non-zero)."""
     _log_to_stderr()
     builders = a.workers or len(os.sched_getaffinity(0))
+    if builders < 1:
+        raise UsageError(f"--workers must be at least 1, got {builders}")
+    check_curve(a.curve_secret, a.curve_allow, a.curve_allow_any)
+    check_bind(a.bind)
     try:
-        broker = Broker(
-            BrokerConfig(
-                packs=parse_pack_args(a.packs),
-                bind=a.bind,
-                builders=builders,
-                engine=a.engine,
-                curve_secret=a.curve_secret,
-                curve_allow=a.curve_allow,
-                insecure=a.insecure,
-                log_interval=a.log_interval,
-                limits=Limits(a.max_batch_mb, a.max_eval_resize, a.credits or builders + 2),
-                announce=a.announce,
-                advertise=a.advertise,
-                metrics_port=a.metrics_port,
-                metrics_addr=a.metrics_addr,
-            )
+        config = BrokerConfig(
+            packs=parse_pack_args(a.packs),
+            bind=a.bind,
+            builders=builders,
+            engine=a.engine,
+            curve_secret=a.curve_secret,
+            curve_allow=a.curve_allow,
+            curve_allow_any=a.curve_allow_any,
+            insecure=a.insecure,
+            log_interval=a.log_interval,
+            drain_timeout=a.drain_timeout,
+            limits=Limits(a.max_batch_mb, a.max_eval_resize, a.credits or builders + 2),
+            announce=a.announce,
+            advertise=a.advertise,
+            metrics_port=a.metrics_port,
+            metrics_addr=a.metrics_addr,
         )
-    except (ValueError, KeyError, OSError) as e:
-        print(f"datasvc serve: error: {e}", file=sys.stderr)
-        return 2
+        broker = Broker(config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     broker.serve_forever()
     return 0
