@@ -464,7 +464,7 @@ def test_client_fails_before_asking_over_the_limits(server):
     with pytest.raises(
         RemoteError, match=r"tcp://127.0.0.1:\d+: a batch of 2048 images at 1024x1024 px"
     ):
-        remote(server.endpoint, batch_size=2048, image_size=1024)
+        remote(server.endpoint, batch_size=2048, image_size=1024, drop_last=False)
     assert _stats(server.endpoint)["errors"] == before, "the server was never asked"
 
 
