@@ -217,21 +217,29 @@ def _rate_bytes(rate: str) -> float:
 # --- the load run ---------------------------------------------------------------------------
 
 
-def _server_rss(pids: list[int]) -> int:
+def _server_memory(pids: list[int]) -> dict[str, int]:
+    """Bytes resident in the servers' process trees, by kind (``/proc/PID/status``): ``anon``
+    (heaps: what a leak grows), ``file`` (mapped pack pages: the page cache's), ``shmem``
+    (the shared slot ring, counted once per process that touched it)."""
     import psutil
 
-    total = 0
+    total = {"anon": 0, "file": 0, "shmem": 0}
     for pid in pids:
         root = psutil.Process(pid)
         for p in [root, *root.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
+                status = Path(f"/proc/{p.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                key, _, value = line.partition(":")
+                kind = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}.get(key)
+                if kind:
+                    total[kind] += int(value.split()[0]) * 1024
     return total
 
 
-def _load_rank(endpoints, pack, rank, world, stop, batch_size, image_size) -> dict:
+def _load_rank(endpoints, pack, rank, world, stop, batch_size, image_size, step_s) -> dict:
     from datasvc.loaders import create_loader
 
     loader = create_loader(
@@ -250,6 +258,7 @@ def _load_rank(endpoints, pack, rank, world, stop, batch_size, image_size) -> di
                 ids.extend(b.ids.tolist())
                 if stop.is_set():
                     break
+                time.sleep(step_s)  # the training step this rank's GPU would take
                 t = time.perf_counter()
             else:
                 finished.append(epoch)
@@ -257,8 +266,11 @@ def _load_rank(endpoints, pack, rank, world, stop, batch_size, image_size) -> di
     return {"waits": waits[1:], "by_epoch": by_epoch, "finished": finished}
 
 
-def load_run(pack: Path, seconds: float = 60.0, world: int = 64, servers: int = 2) -> dict:
-    """``world`` rank threads against ``servers`` servers on loopback for ``seconds``."""
+def load_run(
+    pack: Path, seconds: float = 60.0, world: int = 64, servers: int = 2, step_ms: float = 0.0
+) -> dict:
+    """``world`` rank threads against ``servers`` servers on loopback for ``seconds``; each
+    rank takes ``step_ms`` per batch (0: as fast as the servers give, a saturation run)."""
     from contextlib import ExitStack
 
     from datasvc.packs import open_pack
@@ -270,25 +282,34 @@ def load_run(pack: Path, seconds: float = 60.0, world: int = 64, servers: int = 
         live = [stack.enter_context(LocalServer([pack], workers=1)) for _ in range(servers)]
         endpoints = ",".join(s.endpoint for s in live)
         stop = threading.Event()
-        rss: list[tuple[float, int]] = []
+        memory: list[dict] = []
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(world) as pool:
             futures = [
                 pool.submit(
-                    _load_rank, endpoints, pack.name, r, world, stop, batch_size, image_size
+                    _load_rank,
+                    endpoints,
+                    pack.name,
+                    r,
+                    world,
+                    stop,
+                    batch_size,
+                    image_size,
+                    step_ms / 1e3,
                 )
                 for r in range(world)
             ]
             while time.monotonic() - t0 < seconds:
-                rss.append((time.monotonic() - t0, _server_rss([s.pid for s in live])))
+                memory.append(_server_memory([s.pid for s in live]))
                 time.sleep(1.0)
             stop.set()
             ranks = [f.result() for f in futures]
         server_stats = [s.raw_stats() for s in live]
-    return _load_summary(ranks, rss, server_stats, n, world, batch_size, seconds)
+    out = _load_summary(ranks, memory, server_stats, n, world, batch_size, seconds)
+    return {"step_ms": step_ms, **out}
 
 
-def _load_summary(ranks, rss, server_stats, n, world, batch_size, seconds) -> dict:
+def _load_summary(ranks, memory, server_stats, n, world, batch_size, seconds) -> dict:
     per_epoch = (n // (batch_size * world)) * batch_size * world
     duplicates, complete = 0, []
     epochs = sorted({e for r in ranks for e in r["by_epoch"]})
@@ -297,9 +318,12 @@ def _load_summary(ranks, rss, server_stats, n, world, batch_size, seconds) -> di
         duplicates += len(ids) - len(set(ids))
         if all(e in r["finished"] for r in ranks):
             complete.append(len(set(ids)) == per_epoch)
-    window = max(1, len(rss) // 6)  # first and last sixth of the run (10 s of 60)
-    first = statistics.mean(v for _, v in rss[1 : 1 + window])  # after the first second
-    last = statistics.mean(v for _, v in rss[-window:])
+    window = max(1, len(memory) // 6)  # first and last sixth of the run (10 s of 60)
+
+    def mean_mb(rows, kinds):
+        return statistics.mean(sum(r[k] for k in kinds) for r in rows) / 2**20
+
+    first, last = memory[1 : 1 + window], memory[-window:]  # after the first second
     p50 = [float(np.percentile(r["waits"], 50)) for r in ranks if r["waits"]]
     p99 = [float(np.percentile(r["waits"], 99)) for r in ranks if r["waits"]]
     images = sum(len(r["waits"]) + 1 for r in ranks) * batch_size
@@ -314,8 +338,14 @@ def _load_summary(ranks, rss, server_stats, n, world, batch_size, seconds) -> di
         "duplicates": duplicates,
         "complete_epochs": len(complete),
         "complete_epochs_exact": all(complete),
-        "server_rss_mb_first_last": [round(first / 2**20, 1), round(last / 2**20, 1)],
-        "server_rss_last_over_first": round(last / first, 4),
+        "server_memory_mb_first_last": {
+            name: [round(mean_mb(first, kinds), 1), round(mean_mb(last, kinds), 1)]
+            for name, kinds in (("anon", ["anon"]), ("rss", ["anon", "file", "shmem"]))
+        },
+        "server_anon_mb_every_10s": [
+            round(r["anon"] / 2**20, 1) for r in memory[:: max(1, len(memory) // 6)]
+        ],
+        "server_anon_last_over_first": round(mean_mb(last, ["anon"]) / mean_mb(first, ["anon"]), 4),
         "data_wait_ms_p50_median_rank": round(statistics.median(p50) * 1e3, 2),
         "data_wait_ms_p99_median_rank": round(statistics.median(p99) * 1e3, 2),
         "data_wait_ms_p99_worst_rank": round(max(p99) * 1e3, 2),
@@ -339,6 +369,7 @@ def main(argv=None) -> int:
         q.add_argument("--rounds", type=int, default=3)
         if name == "load":
             q.add_argument("--seconds", type=float, default=60.0)
+            q.add_argument("--step-ms", type=float, default=0.0, help="each rank's step time")
         if name == "link":
             q.add_argument("--rate", default="1gbit")
             q.add_argument("--epochs", type=int, default=2, help="epochs per round")
@@ -354,7 +385,7 @@ def main(argv=None) -> int:
         modes = tuple(a.modes.split(","))
         result = link_bench(a.pack, rate=a.rate, rounds=a.rounds, epochs=a.epochs, modes=modes)
     else:
-        result = load_run(a.pack, seconds=a.seconds)
+        result = load_run(a.pack, seconds=a.seconds, step_ms=a.step_ms)
     text = json.dumps(result, indent=1)
     print(text)
     if a.json:
