@@ -1,10 +1,18 @@
-"""Conversion throughput against the machine's JPEG decode bound on the same files.
+"""Conversion throughput: against the machine's JPEG decode bound, per source layout, per engine,
+and its peak memory against the source's size.
 
-    python -m benchmarks.convert [--tree DIR] [--workers 2] [--repeats 3] [--json F] [--plot F]
+    python -m benchmarks.convert [--suite decode,sources,ray,memory] [--workers 2] [--rounds 3]
+                                 [--json F] [--plot F]
 
-The audit entropy-decodes every image (the segmented layout's lossless transcode) or decodes it
-fully (``--jpeg-layout original``), so the decode rate of the same files on the same number of
-cores bounds what conversion can reach; the target is 0.7 of that bound per worker.
+All on the built-in sample (10 classes x 160 train + 40 val images, ImageNet-like sizes), 2
+workers, LMDB. Cases run in turns, round after round, and ratios are medians of per-round
+ratios. ``decode``: the audit entropy-decodes every image (the segmented layout's lossless
+transcode) or decodes it fully, so the decode rate of the same files bounds conversion; the
+target is 0.7 of that bound per worker. ``sources``: the same images as the extracted tree, the
+ILSVRC2012 tarballs, parquet and webdataset shards (target: tarballs >= 0.9 of the tree).
+``ray``: an already running local Ray of 2 CPUs against the process engine (target >= 0.85).
+``memory``: peak PSS of the whole conversion (driver and workers) for a source and the same
+source four times as large.
 """
 
 from __future__ import annotations
@@ -12,17 +20,23 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import simplejpeg
 
-from benchmarks.report import bar_plot, markdown_table, timed_median, write_json
+from benchmarks.report import bar_plot, commit, markdown_table, write_json
+from converters import sample_sources
 from converters.convert import ConvertConfig, convert
+
+SUITES = ("decode", "sources", "ray", "memory")
 
 
 def _decode_files(paths: list[str]) -> int:
-    n = 0
     for p in paths:
         with open(p, "rb") as f:
             data = f.read()
@@ -30,8 +44,7 @@ def _decode_files(paths: list[str]) -> int:
             simplejpeg.decode_jpeg(data)
         except ValueError:  # PNG/CMYK oddities: the audit uses PIL there; count them as decoded
             pass
-        n += 1
-    return n
+    return len(paths)
 
 
 def decode_bound(paths: list[str], workers: int) -> None:
@@ -40,88 +53,234 @@ def decode_bound(paths: list[str], workers: int) -> None:
         pool.map(_decode_files, chunks)
 
 
-def run(tree: Path, workers: int, repeats: int) -> dict:
+def rounds_of(cases: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per case per round; every case runs once per round (after one warm-up round),
+    in an order rotated each round so no case always runs first."""
+    names = list(cases)
+    times = {n: [] for n in names}
+    for r in range(rounds + 1):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            cases[n]()
+            if r:
+                times[n].append(time.perf_counter() - t)
+    return times
+
+
+def _converter(src: Path, work: Path, workers: int, val_labels=None, val_synsets=None, **kw):
+    """A timed case: convert ``src`` into a fresh pack with these options."""
+
+    def once():
+        out = work / "pack"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = ConvertConfig(workers=workers, shards=4 * workers, **kw)
+        convert(src, out, cfg, val_labels=val_labels, val_synsets=val_synsets, progress=False)
+
+    return once
+
+
+def _ratio(times: dict, case: str, ref: str) -> float:
+    return statistics.median(r / c for c, r in zip(times[case], times[ref]))
+
+
+def suite_decode(tree: Path, work: Path, workers: int, rounds: int, n: int) -> list[dict]:
     paths = sorted(str(p) for p in tree.rglob("*") if p.is_file())
-    n = len(paths)
-    work = Path(tempfile.mkdtemp(prefix="convbench-"))
+    cases = {
+        "JPEG decode only, 1 core": lambda: _decode_files(paths),
+        f"JPEG decode only, {workers} processes": lambda: decode_bound(paths, workers),
+        "convert, segmented (default)": _converter(tree, work, workers),
+        "convert --jpeg-layout original": _converter(tree, work, workers, jpeg_layout="original"),
+        "convert --max-side 512": _converter(tree, work, workers, max_side=512),
+    }
+    times = rounds_of(cases, rounds)
+    single, bound = list(cases)[:2]
     rows = []
+    for name, ts in times.items():
+        row = {"case": name, "images_per_s": n / statistics.median(ts)}
+        if name.startswith("convert"):
+            row["per_worker_vs_1core_decode"] = _ratio(times, name, single) / workers
+            row["vs_decode_bound"] = _ratio(times, name, bound)
+        rows.append(row)
+    return rows
+
+
+def _sources(tree: Path, base: Path) -> dict:
+    """The sample as every layout: the extracted tree (flat val), tarballs, parquet, wds."""
+    flat = base / "tree"
+    shutil.copytree(tree, flat)
+    src = sample_sources.flatten_val(flat)
+    return {
+        "src": src,
+        "extracted tree": flat,
+        "ILSVRC2012 tarballs": sample_sources.ilsvrc_tarballs(src, base / "ilsvrc"),
+        "parquet (HF layout)": sample_sources.parquet_shards(src, base / "pq", row_group_size=256),
+        "webdataset tars": sample_sources.webdataset_tars(src, base / "wds"),
+    }
+
+
+def suite_sources(tree: Path, work: Path, workers: int, rounds: int, n: int) -> list[dict]:
+    layouts = _sources(tree, work / "sources")
+    flat = layouts["extracted tree"]
+    labels = {"val_labels": str(flat / "gt.txt"), "val_synsets": str(flat / "synsets.txt")}
+    cases = {"extracted tree": _converter(flat, work, workers, **labels)}
+    for name in ("ILSVRC2012 tarballs", "parquet (HF layout)", "webdataset tars"):
+        cases[name] = _converter(layouts[name], work, workers)
+    times = rounds_of(cases, rounds)
+    return [
+        {
+            "case": f"convert from {name}",
+            "images_per_s": n / statistics.median(ts),
+            "s_per_1000": 1000 * statistics.median(ts) / n,
+            "vs_tree": _ratio(times, name, "extracted tree"),
+        }
+        for name, ts in times.items()
+    ]
+
+
+def suite_ray(tree: Path, work: Path, workers: int, rounds: int, n: int) -> list[dict]:
+    import ray
+
+    t = time.perf_counter()
+    _converter(tree, work, workers, engine="ray")()  # embedded: starts and stops Ray
+    embedded = time.perf_counter() - t
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        t, _ = timed_median(lambda: _decode_files(paths), repeats)
-        single = n / t
-        t, _ = timed_median(lambda: decode_bound(paths, workers), repeats)
-        bound = n / t
-        rows.append({"case": "JPEG decode only, 1 core", "images_per_s": single})
-        rows.append({"case": f"JPEG decode only, {workers} processes", "images_per_s": bound})
-        cases = (
-            ("segmented (default)", None, "segmented"),
-            ("--jpeg-layout original", None, "original"),
-            ("--max-side 512", 512, "segmented"),
-        )
-        for label, max_side, layout in cases:
-
-            def once(max_side=max_side, layout=layout):
-                out = work / "pack"
-                shutil.rmtree(out, ignore_errors=True)
-                cfg = ConvertConfig(
-                    workers=workers, max_side=max_side, shards=4 * workers, jpeg_layout=layout
-                )
-                convert(tree, out, cfg, progress=False)
-
-            t, _ = timed_median(once, repeats)
-            rate = n / t
-            rows.append(
-                {
-                    "case": f"convert {label}, {workers} workers",
-                    "images_per_s": rate,
-                    "per_worker_vs_1core_decode": rate / workers / single,
-                    "vs_decode_bound": rate / bound,
-                }
-            )
+        cases = {
+            "process engine": _converter(tree, work, workers),
+            "Ray engine, Ray running": _converter(tree, work, workers, engine="ray"),
+        }
+        times = rounds_of(cases, rounds)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {"images": n, "workers": workers, "rows": rows}
+        ray.shutdown()
+    rows = [
+        {
+            "case": name,
+            "images_per_s": n / statistics.median(ts),
+            "vs_process": _ratio(times, name, "process engine"),
+        }
+        for name, ts in times.items()
+    ]
+    rows.append(
+        {
+            "case": "Ray engine, embedded (starts Ray, one run)",
+            "images_per_s": n / embedded,
+            "vs_process": statistics.median(times["process engine"]) / embedded,
+        }
+    )
+    return rows
+
+
+def peak_pss_mb(argv: list[str]) -> tuple[float, float]:
+    """Run a command; (peak PSS of its process tree in MB, seconds), sampled every 50 ms."""
+    import psutil
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak, t0 = 0.0, time.perf_counter()
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                total += p.memory_full_info().pss
+        except psutil.Error:
+            pass
+        peak = max(peak, total / 2**20)
+        time.sleep(0.05)
+    if proc.returncode:
+        raise RuntimeError(f"{argv} failed with {proc.returncode}")
+    return peak, time.perf_counter() - t0
+
+
+def _scaled(src: dict, factor: int) -> dict:
+    """The same images ``factor`` times over, under new class names and val file names."""
+    wnids = [f"{w}{j}" for j in range(factor) for w in src["wnids"]]
+    train = {f"{w}{j}": src["train"][w] for j in range(factor) for w in src["wnids"]}
+    items = list(src["val"].values())
+    val = {
+        f"ILSVRC2012_val_{k + 1:08d}.JPEG": (data, f"{w}{j}")
+        for k, (j, (data, w)) in enumerate((j, it) for j in range(factor) for it in items)
+    }
+    return {**src, "wnids": sorted(wnids), "synsets": sorted(wnids), "train": train, "val": val}
+
+
+def suite_memory(tree: Path, work: Path, workers: int, rounds: int, n: int) -> list[dict]:
+    src = sample_sources.flatten_val(shutil.copytree(tree, work / "mem-tree"))
+    rows = []
+    for factor in (1, 4):
+        scaled = _scaled(src, factor)
+        layouts = {
+            "ILSVRC2012 tarballs": sample_sources.ilsvrc_tarballs(
+                scaled, work / f"mem-ilsvrc{factor}", labels="kaggle"
+            ),
+            "parquet (HF layout)": sample_sources.parquet_shards(
+                scaled, work / f"mem-pq{factor}", row_group_size=256
+            ),
+        }
+        for name, path in layouts.items():
+            out = work / f"mem-out-{factor}"
+            shutil.rmtree(out, ignore_errors=True)
+            argv = [sys.executable, "-m", "datasvc.cli", "convert", str(path), str(out), "-q",
+                    "--workers", str(workers)]  # fmt: skip
+            peak, secs = peak_pss_mb(argv)
+            images = sum(len(v) for v in scaled["train"].values()) + len(scaled["val"])
+            rows.append({"case": f"{name}, {images} images", "peak_pss_mb": peak, "seconds": secs})
+    return rows
+
+
+def _sample(n_classes: int, per_class: int) -> Path:
+    from datasvc.sample import write_sample
+
+    tmp = Path(tempfile.mkdtemp(prefix="convsample-"))
+    write_sample(tmp, classes=n_classes, per_class=per_class)
+    return tmp
+
+
+COLUMNS = [
+    ("case", "case"),
+    ("images_per_s", "images/s"),
+    ("per_worker_vs_1core_decode", "per worker / 1-core decode"),
+    ("vs_decode_bound", "vs N-process decode"),
+    ("s_per_1000", "s per 1,000 images"),
+    ("vs_tree", "vs extracted tree"),
+    ("vs_process", "vs process engine"),
+    ("peak_pss_mb", "peak PSS MB"),
+    ("seconds", "seconds"),
+]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, help="ImageFolder tree (default: the built-in sample)")
+    ap.add_argument("--suite", default=",".join(SUITES))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default="out/bench-convert.json")
     ap.add_argument("--plot", default="out/bench-convert.png")
     a = ap.parse_args(argv)
-    tmp = None
-    if a.tree is None:
-        from datasvc.sample import write_sample
-
-        tmp = Path(tempfile.mkdtemp(prefix="convsample-"))
-        write_sample(tmp, classes=10, per_class=160)
-        a.tree = tmp
+    tree = a.tree or _sample(10, 160)
+    work = Path(tempfile.mkdtemp(prefix="convbench-"))
+    n = sum(1 for p in tree.rglob("*") if p.is_file())
+    results = {}
     try:
-        res = run(a.tree, a.workers, a.repeats)
+        for suite in a.suite.split(","):
+            rows = globals()[f"suite_{suite}"](tree, work, a.workers, a.rounds, n)
+            results[suite] = rows
+            cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+            for r in rows:
+                for k, v in r.items():
+                    if isinstance(v, float):
+                        r[k] = round(v, 3 if k.startswith(("vs", "per")) else 1)
+            print(f"\n{suite}: {n} images, {a.workers} workers, median of {a.rounds} rounds")
+            print(markdown_table(rows, cols), flush=True)
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    cols = [
-        ("case", "case"),
-        ("images_per_s", "images/s"),
-        ("per_worker_vs_1core_decode", "per worker / 1-core decode"),
-        ("vs_decode_bound", f"vs {a.workers}-process decode"),
-    ]
-    for r in res["rows"]:
-        for k in ("per_worker_vs_1core_decode", "vs_decode_bound"):
-            if k in r:
-                r[k] = round(r[k], 2)
-    print(f"{res['images']} images, median of {a.repeats}")
-    print(markdown_table(res["rows"], cols))
-    write_json(a.json, {"benchmark": "convert", "config": vars(a) | {"tree": str(a.tree)}, **res})
-    bar_plot(
-        a.plot,
-        [r["case"] for r in res["rows"]],
-        [r["images_per_s"] for r in res["rows"]],
-        "Conversion vs JPEG decode bound",
-        "images/s",
-    )
+        shutil.rmtree(work, ignore_errors=True)
+        if a.tree is None:
+            shutil.rmtree(tree, ignore_errors=True)
+    config = vars(a) | {"tree": str(a.tree), "commit": commit()}
+    write_json(a.json, {"benchmark": "convert", "config": config, "images": n, **results})
+    rows = [r for rs in results.values() for r in rs if "images_per_s" in r]
+    bar_plot(a.plot, [r["case"] for r in rows], [r["images_per_s"] for r in rows],
+             "Conversion", "images/s")  # fmt: skip
     print(f"wrote {a.json} and {a.plot}")
     return 0
 

@@ -131,17 +131,28 @@ def _encode(arr: np.ndarray, cfg: AuditConfig, bgr: bool = False) -> bytes:
     return buf.tobytes()
 
 
+def dct_downscale(side: int, max_side: int) -> int:
+    """The DCT scaling (1/k) to decode a JPEG at before resizing its longest ``side`` to
+    ``max_side``: the largest k in 8, 4, 2, 1 that keeps ``side / k`` at least ``max_side``.
+    Only these factors have libjpeg-turbo's SIMD IDCTs; its other M/8 scales run in plain C and
+    cost more than a full decode (640 px at 7/8: 2.4 ms against 1.6 ms at 1/1, measured)."""
+    k = 8
+    while k > 1 and side / k < max_side:
+        k //= 2
+    return k
+
+
 def _audit_rgb_jpeg(data: bytes, height: int, width: int, cfg: AuditConfig) -> Audited:
     """The common case, a clean colour JPEG: decode it fully (strict) to catch truncation."""
     try:
         if cfg.max_side is not None and max(width, height) > cfg.max_side:
-            s = cfg.max_side / max(width, height)
+            k = dct_downscale(max(width, height), cfg.max_side)
             bgr = cfg.jpeg_layout == "segmented"  # OpenCV encodes BGR: no conversion pass
             arr = simplejpeg.decode_jpeg(
                 data,
                 colorspace="BGR" if bgr else "RGB",
-                min_height=int(height * s),
-                min_width=int(width * s),
+                min_height=-(-height // k),
+                min_width=-(-width // k),
                 strict=True,
             )
             arr = _fit(arr, cfg.max_side)
