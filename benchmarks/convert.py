@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,17 +54,31 @@ def decode_bound(paths: list[str], workers: int) -> None:
         pool.map(_decode_files, chunks)
 
 
+CPU_TIMES: dict[str, list[float]] = {}  # CPU seconds per case per round, from rounds_of
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (pool workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def rounds_of(cases: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per case per round; every case runs once per round (after one warm-up round),
-    in an order rotated each round so no case always runs first."""
+    """Wall seconds per case per round (CPU seconds go to ``CPU_TIMES``); every case runs once
+    per round (after one warm-up round), in an order rotated each round so no case always
+    runs first."""
     names = list(cases)
     times = {n: [] for n in names}
+    for n in names:
+        CPU_TIMES[n] = []
     for r in range(rounds + 1):
         for n in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _cpu_seconds()
             cases[n]()
             if r:
                 times[n].append(time.perf_counter() - t)
+                CPU_TIMES[n].append(_cpu_seconds() - c)
     return times
 
 
@@ -97,9 +112,11 @@ def suite_decode(tree: Path, work: Path, workers: int, rounds: int, n: int) -> l
     rows = []
     for name, ts in times.items():
         row = {"case": name, "images_per_s": n / statistics.median(ts)}
+        row["cpu_us_per_image"] = 1e6 * statistics.median(CPU_TIMES[name]) / n
         if name.startswith("convert"):
             row["per_worker_vs_1core_decode"] = _ratio(times, name, single) / workers
             row["vs_decode_bound"] = _ratio(times, name, bound)
+            row["cpu_vs_decode"] = _ratio(CPU_TIMES, name, single)
         rows.append(row)
     return rows
 
@@ -132,6 +149,8 @@ def suite_sources(tree: Path, work: Path, workers: int, rounds: int, n: int) -> 
             "images_per_s": n / statistics.median(ts),
             "s_per_1000": 1000 * statistics.median(ts) / n,
             "vs_tree": _ratio(times, name, "extracted tree"),
+            "cpu_us_per_image": 1e6 * statistics.median(CPU_TIMES[name]) / n,
+            "cpu_vs_tree": _ratio(CPU_TIMES, name, "extracted tree"),
         }
         for name, ts in times.items()
     ]
@@ -240,7 +259,10 @@ COLUMNS = [
     ("images_per_s", "images/s"),
     ("per_worker_vs_1core_decode", "per worker / 1-core decode"),
     ("vs_decode_bound", "vs N-process decode"),
+    ("cpu_us_per_image", "CPU µs per image"),
+    ("cpu_vs_decode", "1-core decode CPU / convert CPU"),
     ("s_per_1000", "s per 1,000 images"),
+    ("cpu_vs_tree", "vs tree, CPU"),
     ("vs_tree", "vs extracted tree"),
     ("vs_process", "vs process engine"),
     ("peak_pss_mb", "peak PSS MB"),

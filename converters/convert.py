@@ -256,6 +256,7 @@ def convert(
     check_writable(out)
     cfg = _resolve_layout(cfg)
     opts = source or SourceOptions(tuple(splits) if splits else None, val_labels, val_synsets)
+    opts = dataclasses.replace(opts, workers=cfg.workers)
     planned = make_plan(src, cfg, opts)
     log.info("source: %s (%s)", src, planned.kind)
     manifest = _existing_manifest(out, planned.plan)

@@ -109,6 +109,7 @@ class SourceOptions:
     image_column: str = "image"
     label_column: str = "label"
     key_column: str | None = None
+    workers: int = 1  # processes that may list a source (the ILSVRC train tar's headers)
 
 
 def detect_kind(src: Path) -> str:

@@ -5,6 +5,7 @@ of one tar per class), the flat val tar, and the val labels from the devkit
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
 import tarfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from converters.sources import (
     is_image_name,
     tree_order,
 )
-from converters.sources.tarfiles import TarMemberReader, members, nested_members
+from converters.sources.tarfiles import Member, TarMemberReader, members, nested_members
 from converters.sources.tree import check_val_label, parse_val_labels, read_val_labels
 
 TARBALLS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
@@ -24,7 +25,21 @@ DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 KAGGLE_LABELS = "LOC_val_solution.csv"
 
 
-def list_train(path: Path) -> tuple[list[str], SplitListing]:
+def _list_inner(path: str, outer: Member) -> list[Member]:
+    return list(nested_members(path, outer))
+
+
+def _inner_listings(path: Path, inner: list[Member], workers: int) -> list[list[Member]]:
+    """Each per-class tar's members; ``workers`` processes read the headers (ImageNet's train
+    tar holds 1.28M of them: about 25 µs each in Python)."""
+    args = [(str(path), m) for m in inner]
+    if workers <= 1 or len(inner) < 2:
+        return [_list_inner(*a) for a in args]
+    with mp.get_context("fork").Pool(min(workers, len(inner))) as pool:
+        return pool.starmap(_list_inner, args, chunksize=max(1, len(args) // (8 * workers)))
+
+
+def list_train(path: Path, workers: int = 1) -> tuple[list[str], SplitListing]:
     """The train tar → sorted synsets (one inner ``<wnid>.tar`` each) and the candidates, keyed
     ``<wnid>/<file name>`` as the extracted tree's."""
     outer = [m for m in members(str(path))]
@@ -33,8 +48,8 @@ def list_train(path: Path) -> tuple[list[str], SplitListing]:
     if not classes:
         raise SourceError(f"{path}: no per-class tars inside (<wnid>.tar members)")
     candidates, ignored = [], [m.name for m in outer if not m.name.endswith(".tar")]
-    for label, (wnid, m) in enumerate(zip(classes, inner)):
-        for f in nested_members(str(path), m):
+    for label, (wnid, files) in enumerate(zip(classes, _inner_listings(path, inner, workers))):
+        for f in files:
             key = f"{wnid}/{f.name}"
             if is_image_name(f.name):
                 candidates.append(Candidate(key, label, (0, f.offset, f.size)))
@@ -115,7 +130,7 @@ def discover_ilsvrc(src: Path, opts: SourceOptions) -> tuple[list[str], list[Spl
             raise SourceError(f"{src / TARBALLS[s]}: missing (asked for split {s})")
     classes, listings = None, []
     if "train" in splits:
-        classes, train = list_train(src / TARBALLS["train"])
+        classes, train = list_train(src / TARBALLS["train"], opts.workers)
         listings.append(train)
     if "val" in splits:
         labels, wnids = val_labels(src, opts)
