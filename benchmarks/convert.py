@@ -291,7 +291,7 @@ def main(argv=None) -> int:
             for r in rows:
                 for k, v in r.items():
                     if isinstance(v, float):
-                        r[k] = round(v, 3 if k.startswith(("vs", "per")) else 1)
+                        r[k] = round(v, 3 if "vs" in k or k.startswith("per") else 1)
             print(f"\n{suite}: {n} images, {a.workers} workers, median of {a.rounds} rounds")
             print(markdown_table(rows, cols), flush=True)
     finally:

@@ -158,6 +158,7 @@ def test_adopt_tensorflow_script_shards(tmp_path, clean_pack):
         assert got == rows
     assert TFRecordShardReader.records_read == before[0] + 23
     assert verify_pack(tmp_path).ok
+    assert "tfrecord" in cli("inspect", tmp_path).stdout
 
 
 def test_adopt_names_what_it_cannot_read(tmp_path, clean_pack):

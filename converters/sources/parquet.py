@@ -106,8 +106,9 @@ class ParquetReader(SourceReader):
             if (f, rg) != group:
                 images = None
                 try:
+                    # one thread: the engine runs a reader per core already
                     table = pq.ParquetFile(self.files[f]).read_row_group(
-                        rg, columns=[self.image_column]
+                        rg, columns=[self.image_column], use_threads=False
                     )
                     images = _column(table, self.image_column, self.files[f])
                 except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid...
@@ -127,7 +128,7 @@ def _list_file(f: int, path: Path, split: str, classes, key_column, opts, out) -
     pf = _pq().ParquetFile(path)
     columns = [opts.label_column] + ([key_column] if key_column else [])
     for rg in range(pf.num_row_groups):
-        table = pf.read_row_group(rg, columns=columns)
+        table = pf.read_row_group(rg, columns=columns, use_threads=False)
         labels = _column(table, opts.label_column, str(path)).to_pylist()
         names = _column(table, key_column, str(path)).to_pylist() if key_column else None
         for row, label in enumerate(labels):
