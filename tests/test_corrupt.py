@@ -236,3 +236,51 @@ def test_dali_cpu_follows_the_policy(damaged):
     assert _no_reason(skip["skipped"]) == _no_reason(expected)
     assert sorted(skip["ids"] + DAMAGED) == list(range(64))
     assert _no_reason([raised["error"]]) == _no_reason(expected)[:1]
+
+
+# --- the server and remote -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def damaged_server(damaged):
+    from datasvc.service.local import LocalServer
+
+    with LocalServer([damaged[0]], workers=1) as server:
+        yield server
+
+
+def _remote(server, **kw):
+    kw = {"batch_size": 8, "train": False, "request_timeout": 5.0, "dead_after": 30.0, **kw}
+    return create_loader("remote", server.endpoint, pack="pack", **kw)
+
+
+@pytest.mark.parametrize("decode", ["server", "client"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_remote_skip_reports_what_the_server_left_out(damaged_server, damaged, decode, world):
+    """The request carries on_corrupt; the builders skip, the reply header lists the records,
+    the client merges them into loader.skipped: across ranks, every id once or skipped."""
+    _, expected = damaged
+    ids, skipped = [], []
+    for rank in range(world):
+        train = decode == "client"  # crop segments are a train transport
+        kw = dict(rank=rank, world_size=world, on_corrupt="skip", max_corrupt=2, decode=decode)
+        with _remote(damaged_server, **{**kw, "train": train}) as loader:
+            got, sizes = _epoch(loader)
+            ids += got
+            skipped += loader.skipped
+    assert _no_reason(skipped) == _no_reason(expected)
+    assert all("CRC" in e["reason"] for e in skipped)
+    assert len(ids) == len(set(ids))
+    if decode == "server":  # eval: every sample once, or skipped
+        assert sorted(ids + [e["id"] for e in skipped]) == list(range(64))
+
+
+def test_remote_raise_names_the_record_and_the_cap_holds(damaged_server, damaged):
+    _, expected = damaged
+    with _remote(damaged_server) as loader:
+        with pytest.raises(CorruptRecordError) as info:
+            _epoch(loader)
+    assert info.value.entry["id"] == 5 and info.value.shard == expected[0]["shard"]
+    with _remote(damaged_server, on_corrupt="skip", max_corrupt=1) as loader:
+        with pytest.raises(TooManyCorruptError, match=r"\b5 \(.*\b40 \("):
+            _epoch(loader)

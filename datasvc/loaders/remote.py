@@ -133,6 +133,7 @@ class RemoteLoader(Loader):
                 b,
                 op,
                 self.cfg,
+                self.on_corrupt,
             )
             for b in range(start, end)
         ]
@@ -148,7 +149,7 @@ class RemoteLoader(Loader):
         end = len(self.sampler)
         if start >= end:
             return
-        replies = self.client.fetch(self._requests(start, end))
+        replies = self._accounted(self.client.fetch(self._requests(start, end)))
         op = self._op()
         if op == "batch":
             for header, frames in replies:
@@ -169,12 +170,22 @@ class RemoteLoader(Loader):
                 count=end - start,
             )
 
+    def _accounted(self, replies):
+        """Replies in order, each one's skipped records entered in this loader's ledger (the
+        server skipped them under ``on_corrupt="skip"``)."""
+        for header, frames in replies:
+            self.ledger.add(_skipped_entries(header))
+            yield header, frames
+
     def _decoded(self, header: dict, frames) -> Batch:
         """Reply frames → a Batch; the images tensor is the received buffer itself (no copy)
         unless pinned memory was asked for."""
         shape = tuple(header["shape"])
         if tuple(shape[:1]) != (header["n"],) or len(frames[1].buffer) != int(np.prod(shape)):
             raise RemoteError("malformed", f"reply of {len(frames[1].buffer)} bytes for {shape}")
+        if header["n"] == 0:  # every record of the batch was skipped as corrupt
+            empty = torch.empty(0, dtype=torch.int64)
+            return Batch(torch.empty(shape, dtype=torch.uint8).permute(0, 3, 1, 2), empty, empty)
         images = torch.frombuffer(frames[1].buffer, dtype=torch.uint8).view(shape)
         if self.pin_memory:
             images = images.pin_memory()
@@ -231,3 +242,21 @@ class RemoteLoader(Loader):
     def close(self) -> None:
         if self.client.endpoints:
             self.client.close()
+
+
+def _skipped_entries(header: dict) -> list[dict]:
+    """A reply's ``skipped`` list, checked: each entry ``{id, shard, record, reason}``."""
+    entries = header.get("skipped") or []
+    ok = isinstance(entries, list) and all(
+        isinstance(e, dict)
+        and type(e.get("id")) is int
+        and type(e.get("record")) is int
+        and isinstance(e.get("shard"), str)
+        and isinstance(e.get("reason"), str)
+        for e in entries
+    )
+    if not ok:
+        raise RemoteError(
+            "malformed", f"reply's skipped list is not a list of records: {entries!r}"[:300]
+        )
+    return [{k: e[k] for k in ("id", "shard", "record", "reason")} for e in entries]

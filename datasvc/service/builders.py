@@ -19,7 +19,9 @@ builder → broker               meaning
 ``[READY]``                     started; give me tasks
 ``[DONE, task, head, *bufs]``   the reply for the client: ``head`` is the msgpack reply
                                 header (with ``slot`` set when the images are in the slot,
-                                then the broker sends the slot), ``bufs`` the buffers that
+                                then the broker sends the slot; ``skipped``: the records
+                                left out as corrupt under ``on_corrupt="skip"``, each
+                                ``{id, shard, record, reason}``), ``bufs`` the buffers that
                                 follow it (images unless in the slot, labels, ids; or the
                                 encoded samples)
 =============================  ===============================================================
@@ -36,6 +38,7 @@ import time
 
 import numpy as np
 
+from datasvc.corrupt import CorruptRecordError
 from datasvc.packs.readahead import AheadOfRequests
 from datasvc.service.protocol import BatchRequest, error_header, pack_header, parse_request
 
@@ -92,13 +95,32 @@ class Listings:
 # --- building one reply --------------------------------------------------------------------
 
 
-def build_batch(split, ids: np.ndarray, req: BatchRequest, images, labels) -> dict:
-    """Decode and augment samples ``ids`` into ``images``/``labels``; → extra header fields.
-    The one place where a batch is built (a policy for damaged records extends it here)."""
+def build_batch(split, ids: np.ndarray, req: BatchRequest, images, labels) -> tuple:
+    """Decode and augment samples ``ids`` into ``images``/``labels`` under the request's
+    corrupt-record policy → (the ids filled, rows ``0..k-1``; the skipped entries)."""
     from datasvc.batch import fill_batch
 
-    fill_batch(split, ids, req.transform_config(), req.seed, req.epoch, images, labels)
-    return {}
+    cfg = req.transform_config()
+    return fill_batch(
+        split, ids, cfg, req.seed, req.epoch, images, labels, on_corrupt=req.on_corrupt
+    )
+
+
+def readable_samples(split, ids, on_corrupt: str) -> tuple[list[int], dict, list[dict]]:
+    """The samples of ``ids`` that read cleanly → (their ids, id → Sample, skipped entries);
+    a damaged one raises ``CorruptRecordError`` unless ``on_corrupt`` is "skip"."""
+    from datasvc.corrupt import CorruptRecordError, read_sample
+
+    kept, samples, skipped = [], {}, []
+    for sid in ids:
+        try:
+            samples[int(sid)] = read_sample(split, int(sid))
+            kept.append(int(sid))
+        except CorruptRecordError as e:
+            if on_corrupt != "skip":
+                raise
+            skipped.append(e.entry)
+    return kept, samples, skipped
 
 
 def batch_reply(split, ids, req: BatchRequest, rid, ring, slot: int) -> list:
@@ -106,18 +128,19 @@ def batch_reply(split, ids, req: BatchRequest, rid, ring, slot: int) -> list:
     s = req.image_size
     images = ring.images(slot, (len(ids), s, s, 3))
     labels = np.empty(len(ids), np.int64)
-    extra = build_batch(split, ids, req, images, labels)
+    ids, skipped = build_batch(split, ids, req, images, labels)
+    images, labels = images[: len(ids)], labels[: len(ids)]
     head = {
         "id": rid,
         "ok": True,
         "op": "batch",
         "n": len(ids),
+        "skipped": skipped,
         "shape": list(images.shape),
         "layout": "NHWC",
         "batch": req.batch,
         "epoch": req.epoch,
         "slot": slot,
-        **extra,
     }
     return [head, labels, np.ascontiguousarray(ids, np.int64)]
 
@@ -127,8 +150,10 @@ def segments_reply(split, ids, req: BatchRequest, rid) -> list:
     moved into it (``decode="client"``): no decoding here, only marker walking."""
     from datasvc.segments import cut_batch
 
-    meta, jpegs = cut_batch(split, ids, req.transform_config(), req.seed, req.epoch)
+    ids, samples, skipped = readable_samples(split, ids, req.on_corrupt)
+    meta, jpegs = cut_batch(samples, ids, req.transform_config(), req.seed, req.epoch)
     head = {"id": rid, "ok": True, "op": "segments", "n": len(ids), "batch": req.batch}
+    head["skipped"] = skipped
     return [{**head, "epoch": req.epoch, "meta": meta}, b"".join(jpegs)]
 
 
@@ -137,9 +162,10 @@ def samples_reply(split, ids, req: BatchRequest, rid) -> list:
     from datasvc.augment import eval_geometry, train_crop
 
     cfg = req.transform_config()
+    ids, samples, skipped = readable_samples(split, ids, req.on_corrupt)
     images, meta = [], []
     for sid in ids:
-        s = split[int(sid)]
+        s = samples[sid]
         images.append(s.image)
         if cfg.train:
             c = train_crop(cfg, req.seed, req.epoch, int(sid), s.height, s.width)
@@ -148,6 +174,7 @@ def samples_reply(split, ids, req: BatchRequest, rid) -> list:
             geo = list(eval_geometry(cfg, s.height, s.width))
         meta.append([int(sid), s.label, s.height, s.width, len(s.image), *geo])
     head = {"id": rid, "ok": True, "op": "samples", "n": len(ids), "batch": req.batch}
+    head["skipped"] = skipped
     return [{**head, "epoch": req.epoch, "meta": meta}, b"".join(images)]
 
 
@@ -169,6 +196,8 @@ def build_reply(opened: dict, listings: Listings, frame: bytes, ring, slot, ahea
             reply = segments_reply(split, ids, req, rid)
         else:
             reply = batch_reply(split, ids, req, rid, ring, slot)
+    except CorruptRecordError as e:  # on_corrupt="raise": the client raises it, named
+        return [error_header(rid, "corrupt", str(e), record=e.entry)]
     except Exception as e:  # noqa: BLE001 - reported to the client, the builder lives on
         return [error_header(rid, "build", f"{type(e).__name__}: {e}")]
     reply[0]["busy_s"] = time.perf_counter() - t0

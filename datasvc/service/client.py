@@ -25,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from datasvc.corrupt import CorruptRecordError
 from datasvc.errors import UserError
 from datasvc.service.membership import DEFAULT_REFRESH_S, Membership
 from datasvc.service.protocol import (
@@ -546,6 +547,8 @@ class _Fetch:
             for rid in [r for r, (_, e, _) in self.inflight.items() if e is owner]:
                 self._requeue(self.inflight.pop(rid)[0])
                 owner.inflight -= 1
+        elif code == "corrupt" and isinstance(header.get("record"), dict):
+            raise CorruptRecordError.from_entry(header["record"])  # on_corrupt="raise"
         else:
             raise RemoteError(code, f"{owner.address}: {header.get('message', '')}")
         self._requeue(index)

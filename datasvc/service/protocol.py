@@ -10,6 +10,7 @@ from typing import Literal, get_args
 import msgpack
 
 from datasvc.augment import TransformConfig
+from datasvc.corrupt import ON_CORRUPT, OnCorrupt
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024  # ZMQ_MAXMSGSIZE on the server's socket: requests are tiny
@@ -58,6 +59,10 @@ class BatchRequest:
     batch: int
     op: Op = "batch"
     transform: TransformConfig | None = None  # None: the defaults for train/image_size
+    #: The corrupt-record policy (``datasvc.corrupt``): "skip" leaves damaged records out of
+    #: the reply and lists them in its header's ``skipped``; "raise" answers an error reply
+    #: with code "corrupt" and the record in ``record``. Absent on the wire: "raise".
+    on_corrupt: OnCorrupt = "raise"
 
     def transform_config(self) -> TransformConfig:
         return self.transform or TransformConfig(train=self.train, image_size=self.image_size)
@@ -163,7 +168,12 @@ def _validate(header: dict) -> BatchRequest | None:
             transform = TransformConfig.build(header["train"], fields["image_size"], transform)
         except (ValueError, TypeError) as e:
             raise ProtocolError("field", f"bad transform: {e}") from None
-    return BatchRequest(train=header["train"], op=op, transform=transform, **fields)
+    on_corrupt = header.get("on_corrupt", "raise")
+    if on_corrupt not in ON_CORRUPT:
+        raise ProtocolError("field", f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+    return BatchRequest(
+        train=header["train"], op=op, transform=transform, on_corrupt=on_corrupt, **fields
+    )
 
 
 def request_header(req: BatchRequest, request_id: int) -> bytes:
@@ -176,9 +186,10 @@ def request_header(req: BatchRequest, request_id: int) -> bytes:
     return pack_header({**body, "id": request_id})
 
 
-def error_header(request_id, code: str, message: str) -> bytes:
+def error_header(request_id, code: str, message: str, **extra) -> bytes:
+    """An error reply; ``extra`` fields ride along (``record`` for code "corrupt")."""
     rid = request_id if isinstance(request_id, int) else None
-    return pack_header({"id": rid, "ok": False, "error": code, "message": message[:2000]})
+    return pack_header({"id": rid, "ok": False, "error": code, "message": message[:2000], **extra})
 
 
 @dataclass(frozen=True)
