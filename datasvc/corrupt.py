@@ -28,7 +28,10 @@ class CorruptRecordError(CorruptSampleError):
     """One sample could not be read or decoded; ``.entry`` is its skipped-record entry."""
 
     def __init__(self, id: int, shard: str, record: int, reason: str):
-        super().__init__(f"corrupt record: sample {id} ({shard} record {record}): {reason}")
+        super().__init__(
+            f"corrupt record: sample {id} ({shard} record {record}): {reason}",
+            "on_corrupt='skip' leaves damaged records out; datasvc verify lists every one",
+        )
         self.id, self.shard, self.record, self.reason = int(id), str(shard), int(record), reason
 
     @property
@@ -51,9 +54,9 @@ class TooManyCorruptError(CorruptSampleError):
         more = f" and {len(entries) - 20} more" if len(entries) > 20 else ""
         super().__init__(
             f"{len(entries)} corrupt records skipped this epoch, more than max_corrupt allows "
-            f"({limit} of the epoch's {num_samples} samples): {names}{more}; repair or "
-            "re-convert the pack "
-            "(datasvc verify names every damaged record), or raise max_corrupt"
+            f"({limit} of the epoch's {num_samples} samples): {names}{more}",
+            "repair or re-convert the pack (datasvc verify names every damaged record), "
+            "or raise max_corrupt",
         )
         self.entries = list(entries)
 

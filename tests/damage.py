@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from datasvc.packs import open_pack
+from datasvc.packs.lmdb import value_spans
 from datasvc.packs.tfrecord import index_path, read_index
 
 
@@ -44,11 +45,14 @@ def _image_byte(sp, sid: int) -> tuple[Path, int]:
     if path.suffix == ".tfrecord":
         offset, size = read_index(index_path(path))[local]
         return path, offset + 12 + size // 2  # inside the Example, under the data CRC
+    # LMDB: the record's value (a msgpack map holding the image bytes) where the live tree
+    # puts it; stale copies on freed pages may hold the same bytes elsewhere in the file.
+    offset, size = value_spans(path)[local]
+    with open(path, "rb") as f:
+        value = os.pread(f.fileno(), int(size), int(offset))
     image = sp[sid].image
-    data = path.read_bytes()
-    chunk = image[len(image) // 2 : len(image) // 2 + 64]
-    assert data.count(chunk) == 1, "the chunk must locate the record's bytes"
-    return path, data.index(chunk) + 32
+    at = value.index(image)
+    return path, int(offset) + at + len(image) // 2
 
 
 def truncate_shard(pack: Path, split: str, shard: int, keep: float = 0.5) -> Path:

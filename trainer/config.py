@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from datasvc.corrupt import ON_CORRUPT, corrupt_limit
 from datasvc.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,6 +41,11 @@ class DataConfig:
     ImageFolder tree) or the endpoint list of ``remote``. ``options`` go to the backend unchanged
     (e.g. ``prefetch``, ``decoder``, ``pack`` for ``remote``). ``pin_memory`` None means "when
     training on CUDA". ``crop_scale``/``hflip`` set the train crop where the backend honours them.
+    ``on_corrupt`` is the corrupt-record policy of both loaders ("skip": a damaged record is left
+    out of its batch, listed and logged; "raise": the job stops naming it) and ``max_corrupt`` the
+    records per epoch and rank that may be skipped before the job stops (an int count, or a
+    float fraction of the rank's epoch; None: 0.1%). Eval lists what it skipped and leaves it
+    out of the accuracy's denominator.
     """
 
     backend: str = "custom"
@@ -57,9 +63,19 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     options: dict = field(default_factory=dict)
+    on_corrupt: str = "skip"
+    max_corrupt: int | float | None = None
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            self.on_corrupt in ON_CORRUPT,
+            f"data.on_corrupt must be one of {list(ON_CORRUPT)}, got {self.on_corrupt!r}",
+        )
+        try:
+            corrupt_limit(self.max_corrupt, 1)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data.max_corrupt: {e}") from None
         _check(
             self.val_batch_size is None or self.val_batch_size >= 1,
             "data.val_batch_size must be >= 1",

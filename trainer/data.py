@@ -64,9 +64,31 @@ def build_loader(
         seed=seed,
         num_workers=cfg.num_workers,
         transform=_transform(cfg, train),
+        on_corrupt=cfg.on_corrupt,
+        max_corrupt=cfg.max_corrupt,
         **_options(cfg, device),
     )
     return loader
+
+
+def gather_skipped(loader, world_size: int) -> list[dict]:
+    """The records every rank's loader skipped as corrupt this epoch, sorted by id (a
+    collective: every rank calls it)."""
+    mine = list(loader.skipped)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        every: list = [None] * world_size
+        dist.all_gather_object(every, mine)
+        mine = [e for rank in every for e in rank]
+    return sorted(mine, key=lambda e: e["id"])
+
+
+def describe_skipped(entries: list[dict], limit: int = 10) -> str:
+    """'2 skipped as corrupt: 5 (train-00000-of-00002.lmdb record 5), ...' for a log line."""
+    named = ", ".join(f"{e['id']} ({e['shard']} record {e['record']})" for e in entries[:limit])
+    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
+    return f"{len(entries)} skipped as corrupt: {named}{more}"
 
 
 def pack_classes(cfg: DataConfig) -> list[str] | None:

@@ -23,7 +23,13 @@ from torch import nn
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError, ModelConfig, require_data_source, save_config
-from trainer.data import DeviceLoader, build_loader, pack_classes
+from trainer.data import (
+    DeviceLoader,
+    build_loader,
+    describe_skipped,
+    gather_skipped,
+    pack_classes,
+)
 from trainer.recipe import (
     BatchMixer,
     LRSchedule,
@@ -177,8 +183,11 @@ def evaluate(
         sums[3] += batch.labels.numel()
     all_reduce_sum(sums, d)
     c1, c5, loss, n = sums.tolist()
-    n = max(n, 1.0)
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "count": int(n)}
+    # Skipped (corrupt) samples were never delivered: they are listed, not in the denominator.
+    skipped = gather_skipped(loader.loader, d.world_size)
+    count, n = int(n), max(n, 1.0)
+    res = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "count": count}
+    return {**res, "skipped": len(skipped), "skipped_records": skipped}
 
 
 # --- logging -----------------------------------------------------------------------------------
@@ -187,6 +196,17 @@ def evaluate(
 def _say(d: Dist, msg: str) -> None:
     if d.main:
         print(msg, flush=True)
+
+
+def val_summary(res: dict) -> str:
+    """One eval's log line: accuracy, the images it counted and any it skipped as corrupt."""
+    counted = f"{res['count']} images"
+    if res.get("skipped"):
+        counted += f", {describe_skipped(res['skipped_records'])}"
+    line = (
+        f"val top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% loss {res['loss']:.4f} ({counted})"
+    )
+    return line + (f"; EMA top-1 {res['ema_top1']:.2f}%" if "ema_top1" in res else "")
 
 
 def ids_digest(ids: torch.Tensor) -> str:
@@ -454,6 +474,19 @@ class Trainer:
             res.update({"ema_top1": e["top1"], "ema_top5": e["top5"], "ema_loss": e["loss"]})
         return res
 
+    def _report_train_skipped(self, log) -> None:
+        """End of an epoch: the train records skipped as corrupt, logged and kept (a
+        collective: every rank calls it)."""
+        skipped = gather_skipped(self.train_loader, self.d.world_size)
+        self.train_skipped = skipped
+        if not skipped:
+            return
+        _say(self.d, f"epoch {self.epoch + 1} train: {describe_skipped(skipped)}")
+        if log is not None:
+            log.write(
+                {"kind": "skipped", "split": "train", "epoch": self.epoch, "records": skipped}
+            )
+
     def fit(self, resume: Path | None = None) -> dict:
         """Train to ``train.epochs`` (from ``resume`` if given); returns the final summary."""
         cfg, d, tc = self.cfg, self.d, self.cfg.train
@@ -534,13 +567,8 @@ class Trainer:
                     rec = {"kind": "val", "epoch": self.epoch, "step": self.global_step, **res}
                     if log is not None:
                         log.write(rec)
-                    _say(
-                        d,
-                        f"epoch {self.epoch + 1}/{tc.epochs} val top-1 {res['top1']:.2f}% "
-                        f"top-5 {res['top5']:.2f}% loss {res['loss']:.4f} "
-                        f"({res['count']} images)"
-                        + (f"; EMA top-1 {res['ema_top1']:.2f}%" if "ema_top1" in res else ""),
-                    )
+                    _say(d, f"epoch {self.epoch + 1}/{tc.epochs} {val_summary(res)}")
+                self._report_train_skipped(log)
                 self.step_in_epoch = self.steps_per_epoch
                 self.save()
                 self.epoch += 1
@@ -562,6 +590,10 @@ class Trainer:
             "data_wait_frac": totals["wait"] / max(totals["time"], 1e-9),
             "wall_s": time.time() - self.start_time,
             "world_size": d.world_size,
+            "skipped": {
+                "train": getattr(self, "train_skipped", []),
+                "val": (self.last_val or {}).get("skipped_records", []),
+            },
         }
         if d.main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -80,8 +80,11 @@ class Loader:
 
     def _epoch_samples(self) -> int:
         """Samples this rank is listed for in one epoch (the base of ``max_corrupt``)."""
-        s = self.sampler
-        return sum(len(s.batch(b)) for b in range(len(s))) if len(s) else 0
+        s, n = self.sampler, len(self.sampler)
+        if n == 0:
+            return 0
+        last_start = s.offset + ((n - 1) * s.world_size + s.rank) * s.batch_size
+        return (n - 1) * s.batch_size + min(s.batch_size, s.num_samples - last_start)
 
     @property
     def skipped(self) -> list[dict]:
