@@ -139,11 +139,13 @@ class RemoteLoader(Loader):
         ]
 
     def _op(self) -> str:
-        """Decoded batches from the server, crop segments (train with ``decode="client"``;
-        eval is always decoded there), or whole encoded samples for DALI."""
+        """Decoded batches from the server; for train batches decoded here, crop segments
+        (our CPU decoder with ``decode="client"``, DALI/nvJPEG with the dali modes: the cut
+        JPEG and the crop moved into it are a JPEG and a crop like any other); for eval,
+        decoded batches (``client``) or whole encoded samples (DALI)."""
         if self.decode == "server" or (self.decode == "client" and not self.cfg.train):
             return "batch"
-        return "segments" if self.decode == "client" else "samples"
+        return "segments" if self.cfg.train else "samples"
 
     def _batches(self, start: int):
         end = len(self.sampler)
@@ -154,7 +156,7 @@ class RemoteLoader(Loader):
         if op == "batch":
             for header, frames in replies:
                 yield self._decoded(header, frames)
-        elif op == "segments":
+        elif self.decode == "client":
             yield from self._decode_segments(replies)
         else:
             from datasvc.loaders.dali import run_pipeline
