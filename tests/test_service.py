@@ -472,16 +472,18 @@ def test_client_fails_before_asking_over_the_limits(server):
 
 
 def test_greedy_client_gets_busy_others_finish(clean_pack):
-    """A client that asks 10x its credits and never reads gets "busy" for the excess; three
-    normal clients beside it finish their epochs with the right batches."""
+    """A client that asks 10x its credits and never reads gets "busy" for the excess and its
+    unread replies hold its credits (and at most one slot); three normal clients beside it
+    finish their epochs with the right batches."""
     with LocalServer([clean_pack], workers=2) as s:
         credits = _ping_limits(s.endpoint)["credits"]
         ctx = zmq.Context()
         greedy = ctx.socket(zmq.DEALER)
         greedy.linger = 0
+        greedy.rcvhwm, greedy.rcvbuf = 1, 1 << 16  # its libzmq stops reading too
         greedy.connect(s.endpoint)
-        for i in range(10 * credits):
-            req = BatchRequest("pack", "train", True, 64, 7, 0, 0, 1, 8, i % 8)
+        for i in range(10 * credits):  # 9.6 MB batches: they outgrow the socket buffers
+            req = BatchRequest("pack", "train", True, 224, 7, 0, 0, 1, 64, 0)
             greedy.send(request_header(req, i + 1))
         expected = [b.ids.tolist() for b in run(remote(s.endpoint, seed=0))]
         results: dict[int, list] = {}
@@ -499,7 +501,10 @@ def test_greedy_client_gets_busy_others_finish(clean_pack):
         ctx.term()
     assert [results.get(r) for r in range(3)] == [expected] * 3
     assert st["busy"] >= 5 * credits
-    assert max(c["busy"] for c in st["clients"].values()) == st["busy"], "only the greedy one"
+    (greedy_stats,) = [c for c in st["clients"].values() if c["busy"]]
+    assert greedy_stats["busy"] == st["busy"], "only the greedy one was refused"
+    assert greedy_stats["unsent"] > 0, "its unread replies hold its credits"
+    assert greedy_stats["sending"] <= 1, "and one slot at most"
 
 
 # --- clean start and stop ------------------------------------------------------------------

@@ -104,6 +104,7 @@ class Task:
     builder: int | None = None
     slot: int | None = None
     deaths: int = 0  # builders that died while building it
+    pinned: bool = False  # its reply is sent from its slot (not a copy)
     received: float = field(default_factory=time.monotonic)
 
 
@@ -179,6 +180,7 @@ class Broker:
         self._next_task = 0
         self._idle: collections.deque[int] = collections.deque()  # builder indices
         self._holding: dict[int, Task] = {}  # builder index → the task it builds
+        self._unsent: list = []  # (task, tracker): replies libzmq still holds
 
     # --- start and stop ---------------------------------------------------------------------
 
@@ -367,6 +369,7 @@ class Broker:
                 self._on_client(self.front.recv_multipart(copy=False))
             for i in self.ring.reclaim():
                 self._maybe_idle(i)
+            self._release_sent()
             self._dispatch()
             now = time.time()
             if self.config.log_interval and now - last_log >= self.config.log_interval:
@@ -513,23 +516,63 @@ class Broker:
             return  # from a builder since replaced; its task went to another
         del self._holding[builder]
         del self._tasks[task.number]
-        self._queue.done(task)
         self._deliver(task, frames[3], frames[4:])
         self._maybe_idle(builder)
 
     def _deliver(self, task: Task, head, buffers) -> None:
-        """Send a builder's reply to its client: the images from the slot when they are in it."""
+        """Send a builder's reply to its client. A batch's credit stays taken until libzmq has
+        handed it to the network, so a client that does not read holds its credits (and then
+        gets "busy"), not the others' share."""
         header = msgpack.unpackb(head.bytes, raw=False)
         slot = header.pop("slot", None)
+        tracker = None
         if slot is not None:
-            n_bytes = 1
-            for d in header["shape"]:
-                n_bytes *= d
-            images = self.ring.send_frame(task.builder, slot, n_bytes)
+            images, tracker = self._images_frame(task, slot, header["shape"])
             out = [msgpack.packb(header, use_bin_type=True), images, *buffers]
         else:
             self.ring.give_back(task.builder, task.slot)  # an error or encoded samples
             out = [head, *buffers]
+        self._count(task, header, out)
+        self.front.send_multipart([task.client, *out], copy=False)
+        self.stats.latency.observe(time.monotonic() - task.received)
+        self._queue.done(task)
+        if tracker is not None:
+            self.stats.clients[task.client].unsent += 1
+            self._unsent.append((task, tracker))
+
+    def _images_frame(self, task: Task, slot: int, shape: list) -> tuple:
+        """The batch's images as a tracked frame: the slot itself (no copy), or, when this
+        client already has a slot on its way, a copy, so a slow reader pins one slot at most
+        and the builders keep theirs."""
+        n_bytes = 1
+        for d in shape:
+            n_bytes *= d
+        cs = self.stats.clients[task.client]
+        if cs.sending:
+            import zmq
+
+            frame = zmq.Frame(self.ring.copy_out(slot, n_bytes), track=True)
+            self.ring.give_back(task.builder, slot)
+            return frame, frame.tracker
+        cs.sending += 1
+        task.pinned = True
+        frame = self.ring.send_frame(task.builder, slot, n_bytes)
+        return frame, frame.tracker
+
+    def _release_sent(self) -> None:
+        """Replies libzmq is done with give their client's credit back."""
+        still = []
+        for task, tracker in self._unsent:
+            if tracker.done:
+                cs = self.stats.clients[task.client]
+                cs.unsent -= 1
+                cs.sending -= task.pinned
+            else:
+                still.append((task, tracker))
+        self._unsent = still
+        self._queue.unsent = len(still)
+
+    def _count(self, task: Task, header: dict, out: list) -> None:
         cs = self.stats.clients[task.client]
         if "listings" in header:
             self.stats.listings[task.builder] = header["listings"]
@@ -546,8 +589,6 @@ class Broker:
             self.stats.errors += 1
             cs.errors += 1
         self.stats.outcomes[outcome_label(None if header.get("ok") else header.get("error"))] += 1
-        self.front.send_multipart([task.client, *out], copy=False)
-        self.stats.latency.observe(time.monotonic() - task.received)
 
     # --- clients' messages ------------------------------------------------------------------
 
@@ -566,6 +607,7 @@ class Broker:
             if self._draining:
                 raise ProtocolError("draining", "this server is stopping; ask another one")
             self._check(req)
+            self._release_sent()  # a reply the network just took frees its credit first
             refusal = self._queue.refusal(client)
             if refusal:
                 self.stats.busy += 1

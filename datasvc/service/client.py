@@ -534,9 +534,12 @@ class _Fetch:
         """An error reply: "busy" and "draining" re-ask (not progress); others raise."""
         code = header.get("error", "?")
         if code == "busy":
-            # Over the server's credits: fewer in flight there, asked again shortly.
+            # Over the server's credits: no more in flight there than it grants, asked again
+            # shortly (a reply it has not yet seen leave still holds a credit there).
             self.client.busy_replies += 1
-            owner.credits = max(1, owner.inflight)
+            granted = ((owner.pong or {}).get("limits") or {}).get("credits")
+            if granted:
+                owner.credits = max(1, min(owner.credits, int(granted)))
             owner.backoff_until = time.monotonic() + BUSY_BACKOFF_S
         elif code == "draining":
             if owner.state == READY:

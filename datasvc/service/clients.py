@@ -1,9 +1,12 @@
 """Per-client state in the broker: counters, credits and the round-robin queue of tasks.
 
-A client (a ZeroMQ identity) may have at most ``credits`` tasks queued or being built; the
-broker answers more with "busy" instead of queueing them, so a client that asks and never reads
-costs the others no more than its credits. Builders take tasks from clients in turn (round-robin),
-not in arrival order, so one client's burst cannot delay everyone else's next batch. The table
+A client (a ZeroMQ identity) may have at most ``credits`` requests queued, being built or
+answered but not yet taken by the network (one such reply is not counted: libzmq may hold the
+last one a moment after the client got it) (a client that does not read leaves its replies in
+libzmq); the broker answers more with "busy" instead of queueing them, so a client that asks and
+never reads costs the others no more than its credits. Builders take tasks from clients in turn
+(round-robin), not in arrival order, so one client's burst cannot delay everyone else's next
+batch. The table
 holds at most ``size`` clients with nothing outstanding (least recently seen forgotten first);
 clients with outstanding tasks are bounded by the server's total queue.
 """
@@ -24,7 +27,9 @@ class ClientState:
     bytes: int = 0
     errors: int = 0
     busy: int = 0  # requests answered "busy" (over this client's credits or a full queue)
-    outstanding: int = 0  # tasks queued or being built
+    outstanding: int = 0  # requests queued or being built
+    unsent: int = 0  # replies libzmq still holds (the client has not taken them)
+    sending: int = 0  # of those, replies sent straight from a slot (at most one)
     queue: collections.deque = field(default_factory=collections.deque)
 
     def counters(self) -> dict:
@@ -51,7 +56,7 @@ class ClientTable:
         if len(self._d) <= self.size:
             return
         for identity, state in self._d.items():  # oldest first
-            if not state.outstanding:
+            if not (state.outstanding or state.unsent):
                 del self._d[identity]
                 self.forgotten += 1
                 return
@@ -71,16 +76,19 @@ class FairQueue:
         self.credits = credits
         self.max_queued = max_queued
         self.queued = 0
+        self.unsent = 0  # replies libzmq still holds (set by the broker)
         self._turns: collections.deque[bytes] = collections.deque()  # clients with tasks
 
     def refusal(self, client: bytes) -> str | None:
         """Why a new task of ``client`` is refused now ("busy"), or None."""
-        if self.clients[client].outstanding >= self.credits:
+        state = self.clients[client]
+        # libzmq may hold the last reply a while after the client got it: one is not counted.
+        if state.outstanding + max(0, state.unsent - 1) >= self.credits:
             return (
-                f"this client already has {self.credits} requests queued or being built (the "
-                "server's --credits); ask again once replies arrive"
+                f"this client already has {self.credits} requests queued, being built or "
+                "answered but not read (the server's --credits); ask again once replies arrive"
             )
-        if self.queued >= self.max_queued:
+        if self.queued + self.unsent >= self.max_queued:
             return f"server queue full ({self.max_queued} requests); retry later"
         return None
 

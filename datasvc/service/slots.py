@@ -68,6 +68,11 @@ class SlotRing:
         self._sending.append((builder, slot, frame.tracker))
         return frame
 
+    def copy_out(self, slot: int, nbytes: int) -> bytes:
+        """A copy of the slot's first ``nbytes`` (the slot can be reused at once)."""
+        base = slot * self.slot_bytes
+        return self.mapping[base : base + nbytes]
+
     def reclaim(self) -> set[int]:
         """Free the slots whose sends have completed; → the builders that got one back."""
         still, freed = [], set()
