@@ -12,7 +12,7 @@ target is 0.7 of that bound per worker. ``sources``: the same images as the extr
 ILSVRC2012 tarballs, parquet and webdataset shards (target: tarballs >= 0.9 of the tree).
 ``ray``: an already running local Ray of 2 CPUs against the process engine (target >= 0.85).
 ``memory``: peak PSS of the whole conversion (driver and workers) for a source and the same
-source four times as large.
+source four times as large, at the same shard size (200 images).
 """
 
 from __future__ import annotations
@@ -95,7 +95,12 @@ def _converter(src: Path, work: Path, workers: int, val_labels=None, val_synsets
 
 
 def _ratio(times: dict, case: str, ref: str) -> float:
-    return statistics.median(r / c for c, r in zip(times[case], times[ref]))
+    """Median over rounds of ref's seconds / case's seconds (the case's relative speed)."""
+    return statistics.median(_per_round(times, case, ref))
+
+
+def _per_round(times: dict, case: str, ref: str) -> list[float]:
+    return [round(r / c, 3) for c, r in zip(times[case], times[ref])]
 
 
 def suite_decode(tree: Path, work: Path, workers: int, rounds: int, n: int) -> list[dict]:
@@ -117,6 +122,7 @@ def suite_decode(tree: Path, work: Path, workers: int, rounds: int, n: int) -> l
             row["per_worker_vs_1core_decode"] = _ratio(times, name, single) / workers
             row["vs_decode_bound"] = _ratio(times, name, bound)
             row["cpu_vs_decode"] = _ratio(CPU_TIMES, name, single)
+            row["rounds_cpu_vs_decode"] = _per_round(CPU_TIMES, name, single)
         rows.append(row)
     return rows
 
@@ -149,6 +155,7 @@ def suite_sources(tree: Path, work: Path, workers: int, rounds: int, n: int) -> 
             "images_per_s": n / statistics.median(ts),
             "s_per_1000": 1000 * statistics.median(ts) / n,
             "vs_tree": _ratio(times, name, "extracted tree"),
+            "rounds_vs_tree": _per_round(times, name, "extracted tree"),
             "cpu_us_per_image": 1e6 * statistics.median(CPU_TIMES[name]) / n,
             "cpu_vs_tree": _ratio(CPU_TIMES, name, "extracted tree"),
         }
@@ -176,6 +183,7 @@ def suite_ray(tree: Path, work: Path, workers: int, rounds: int, n: int) -> list
             "case": name,
             "images_per_s": n / statistics.median(ts),
             "vs_process": _ratio(times, name, "process engine"),
+            "rounds_vs_process": _per_round(times, name, "process engine"),
         }
         for name, ts in times.items()
     ]
@@ -238,8 +246,9 @@ def suite_memory(tree: Path, work: Path, workers: int, rounds: int, n: int) -> l
         for name, path in layouts.items():
             out = work / f"mem-out-{factor}"
             shutil.rmtree(out, ignore_errors=True)
+            # a fixed shard size: a writer's mapped shard pages count in its PSS
             argv = [sys.executable, "-m", "datasvc.cli", "convert", str(path), str(out), "-q",
-                    "--workers", str(workers)]  # fmt: skip
+                    "--workers", str(workers), "--shard-size", "200"]  # fmt: skip
             peak, secs = peak_pss_mb(argv)
             images = sum(len(v) for v in scaled["train"].values()) + len(scaled["val"])
             rows.append({"case": f"{name}, {images} images", "peak_pss_mb": peak, "seconds": secs})

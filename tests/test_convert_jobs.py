@@ -14,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from converters.convert import ConvertConfig, convert
+from converters.convert import ConvertConfig, convert, make_plan
+from converters.engines import ProgressFeed
+from converters.sources import SourceOptions
 from datasvc.packs import open_pack
 from datasvc.packs.manifest import MANIFEST_NAME
 from datasvc.packs.verify import verify_pack
@@ -63,6 +65,12 @@ def test_array_jobs_then_finalize_equal_one_job(big_tree, one_job_pack, tmp_path
     assert "--finalize" in r.stdout and not (out / MANIFEST_NAME).exists()
     mine = sorted(p.name for p in done.glob("*.json"))
     assert mine == [f"{s}-{i:05d}.json" for s in ("train", "val") for i in range(0, 16, 2)]
+    # the progress bar of any job counts every job's finished shards, from the done records
+    planned = make_plan(big_tree, ConvertConfig(shards=16), SourceOptions())
+    feed = ProgressFeed(out, planned.jobs, enabled=False)
+    job0 = sum(len(j.candidates) for j in planned.jobs if j.index % 2 == 0)
+    assert feed.done_images() == job0 and 0 < job0 < feed.total == 640 + 32
+    feed.close()
 
     r = cli("convert", big_tree, out, "--shards", "16", "--finalize", "-q", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
