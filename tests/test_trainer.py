@@ -577,6 +577,7 @@ def test_cli_rejects_bad_override():
 # --- end to end on real data: torchrun, two gloo ranks -----------------------------------------
 
 DIGITS_STEPS = 132  # 6 epochs x 22 steps (1437 train images, 2 ranks x 32)
+DIGITS_GLOBAL_BATCH = 64  # 2 ranks x data.batch_size 32 (configs/digits.yaml)
 
 
 def _free_port() -> int:
@@ -670,10 +671,19 @@ def test_torchrun_gloo_trains_digits(uninterrupted, digits_server):
     assert len(val) == 6 and all(r["count"] == 360 for r in val)  # every val image once
     assert val[-1]["top1"] >= 90.0, val
     assert train[-1]["step"] == DIGITS_STEPS
-    for r in train:  # the data-stall figure and throughput are logged every interval
-        assert 0.0 <= r["data_wait_frac"] < 1.0 and r["images_per_s"] > 0 and r["lr"] >= 0
+    for r in train:  # the data-stall figure (unclamped) and throughput, every interval
+        assert 0.0 <= r["data_wait_frac"] <= 1.0 and r["images_per_s"] > 0 and r["lr"] >= 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["final"]["top1"] == val[-1]["top1"] and 0 <= summary["data_wait_frac"] < 1
+    assert summary["final"]["top1"] == val[-1]["top1"]
+    # The summary's figures are the intervals' own, weighted by their length: each interval
+    # took images / (images/s) seconds, and waited data_wait_frac of them.
+    steps = [0] + [r["step"] for r in train]
+    images = [(b - a) * DIGITS_GLOBAL_BATCH for a, b in zip(steps, steps[1:])]
+    secs = [n / r["images_per_s"] for n, r in zip(images, train)]
+    waited = sum(r["data_wait_frac"] * t for r, t in zip(train, secs))
+    assert summary["images_per_s"] == pytest.approx(sum(images) / sum(secs), rel=1e-6)
+    assert summary["data_wait_frac"] == pytest.approx(waited / sum(secs), rel=1e-6, abs=1e-9)
+    assert 0 <= summary["data_wait_frac"] <= 1
     assert (out / "curves.png").stat().st_size > 10_000
     assert load_config(out / "config.yaml") == load_config(
         CONFIGS / "digits.yaml",
@@ -762,13 +772,12 @@ def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_server, t
     assert len(_records(out / "ids-rank0.jsonl")) == DIGITS_STEPS  # replayed steps not doubled
     assert a.keys() == b.keys()
     assert [a[k][0] for k in sorted(a)] == [b[k][0] for k in sorted(b)]  # same data order
-    for k in sorted(a):
-        assert b[k][1] == pytest.approx(a[k][1], rel=1e-4, abs=1e-4), k
+    # BENCHMARKS.md's claim as written: bit-identical, every step's loss exactly the same
+    assert {k: b[k][1] for k in b} == {k: a[k][1] for k in a}
     va = [r for r in _records(ref / "metrics.jsonl") if r["kind"] == "val"]
     vb = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "val"]
     assert [r["epoch"] for r in vb] == list(range(6))
-    assert vb[-1]["top1"] == pytest.approx(va[-1]["top1"], abs=0.5)
-    assert vb[-1]["loss"] == pytest.approx(va[-1]["loss"], rel=1e-3, abs=1e-3)
+    assert vb[-1]["top1"] == va[-1]["top1"] and vb[-1]["loss"] == va[-1]["loss"]
     ta = [r for r in _records(ref / "metrics.jsonl") if r["kind"] == "train"]
     tb = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in tb] == [r["step"] for r in ta]
