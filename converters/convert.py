@@ -231,9 +231,14 @@ def _existing_manifest(out: Path, plan: dict) -> dict | None:
     path = out / MANIFEST_NAME
     if not path.exists():
         return None
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("plan") != plan:
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConversionError(
+            f"{path} is damaged (not valid JSON)",
+            "delete it and re-run the same command: finished shards are checked and kept",
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("plan") != plan:
         raise ConversionError(f"{out} already holds a different pack", "choose a new output folder")
     return manifest
 

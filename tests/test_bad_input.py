@@ -691,3 +691,20 @@ def test_rejected_request_errors_within_request_timeout(field, clean_pack):
             assert time.monotonic() - t0 < 3
         finally:
             c.close()
+
+
+def test_convert_over_a_damaged_manifest_then_rebuild(sample_tree, tmp_path):
+    """A re-run over a pack whose manifest.json was truncated says so; deleting it and running
+    again rebuilds the manifest from the finished (checked) shards."""
+    out = tmp_path / "pack"
+    assert datasvc("convert", sample_tree, out, "-q", timeout=60).returncode == 0
+    good = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(good[: len(good) // 3])
+    shards = {p: p.read_bytes() for p in out.glob("*/*.lmdb")}
+    r = datasvc("convert", sample_tree, out, "-q")
+    assert_one_line_error(r, "datasvc convert", "manifest.json is damaged", "delete it")
+    assert {p: p.read_bytes() for p in out.glob("*/*.lmdb")} == shards
+    (out / "manifest.json").unlink()
+    assert datasvc("convert", sample_tree, out, "-q", timeout=60).returncode == 0
+    rebuilt = json.loads((out / "manifest.json").read_text())
+    assert rebuilt["splits"] == json.loads(good)["splits"]
