@@ -268,6 +268,7 @@ def measure_storage(kind, path, a, workers, state, order) -> dict:
         "records_per_s": len(order) / dt,
         "images_per_s": ips,
         "bytes": nbytes,
+        "records": len(order),
     }
 
 
@@ -330,7 +331,9 @@ def summarize(storage_runs: list[dict], ahead_runs: list[dict], methods) -> dict
                 "images_per_s": _median(rs, "images_per_s"),
                 "vs_warm": _ratio(rs, warm),
                 "read_vs_warm": _ratio(rs, warm, "mb_per_s"),
-                "rounds": [{k: v for k, v in r.items() if k != "bytes"} for r in rs],
+                "rounds": [
+                    {k: v for k, v in r.items() if k not in ("bytes", "records")} for r in rs
+                ],
             }
             storage.append(row)
     for kind in ("lmdb", "tfrecord"):
@@ -387,18 +390,25 @@ def run_io(a) -> dict:
             file=sys.stderr,
             flush=True,
         )
+        if a.json:  # the rounds so far, so that an interrupted run keeps them
+            write_json(a.json, _report(storage_runs, ahead_runs, methods, skipped, source, sets, a))
+    return _report(storage_runs, ahead_runs, methods, skipped, source, sets, a)
+
+
+def _report(storage_runs, ahead_runs, methods, skipped, source, sets, a) -> dict:
+    workers = a.workers or len(os.sched_getaffinity(0))
     res = summarize(storage_runs, ahead_runs, methods)
     res["skipped_methods"] = {m: "not installed (the optional liburing package)" for m in skipped}
     res["config"] = {
         "source": source or "built-in sample",
         "storages": {k: str(v) for k, v in sets.items()},
         "split": a.split,
-        "images": n,
+        "images": storage_runs[0]["lmdb", "warm"]["records"],
         "image_bytes": storage_runs[0]["lmdb", "warm"]["bytes"],
         "batch_size": a.batch_size,
         "image_size": a.image_size,
         "workers": workers,
-        "rounds": a.repeats,
+        "rounds": len(storage_runs),
         "read_ahead_methods": methods,
     }
     res["machine"] = machine()
