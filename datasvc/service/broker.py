@@ -49,6 +49,7 @@ from datasvc.service.slots import SlotRing
 log = logging.getLogger(__name__)
 
 SLOTS_PER_BUILDER = 2  # one batch being sent while the next is built
+SPARE_SLOTS = 2  # for slots held by slow readers' sends
 MAX_BUILD_DEATHS = 3  # builders that died holding one request: then it fails (no crash loop)
 RECENT_DEATHS = 10  # builder deaths listed in stats
 DRAIN_LINGER_S = 0.5  # a draining server answers "draining" at least this long before exiting
@@ -188,7 +189,8 @@ class Broker:
         """Start the builders and sockets, serve until SIGTERM/SIGINT, then stop them all."""
         self._tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
         self._ctx = self.front = self.back = self._auth = self.pool = None
-        self.ring = SlotRing(self.config.builders, SLOTS_PER_BUILDER, self.slot_bytes)
+        slots = self.config.builders * SLOTS_PER_BUILDER + SPARE_SLOTS
+        self.ring = SlotRing(slots, self.slot_bytes)
         previous = {
             sig: signal.signal(sig, handler)
             for sig, handler in (
@@ -367,8 +369,7 @@ class Broker:
                 self._on_builder(self.back.recv_multipart(copy=False))
             if self.front in events:
                 self._on_client(self.front.recv_multipart(copy=False))
-            for i in self.ring.reclaim():
-                self._maybe_idle(i)
+            self.ring.reclaim()
             self._release_sent()
             self._dispatch()
             now = time.time()
@@ -425,18 +426,17 @@ class Broker:
         )
 
     def _maybe_idle(self, builder: int) -> None:
-        """A builder that holds no task and has a free slot can take the next one."""
+        """A builder that holds no task can take the next one."""
         if builder not in self._holding and builder not in self._idle:
-            if self.ring.has_free(builder):
-                self._idle.append(builder)
+            self._idle.append(builder)
 
     def _dispatch(self) -> None:
         import zmq
 
-        while self._idle and self._queue:
+        while self._idle and self._queue and self.ring.free():
             task = self._queue.pop()
             builder = self._idle.popleft()
-            slot = self.ring.take(builder)
+            slot = self.ring.take()
             number = b"%d" % task.number
             try:
                 self.back.send_multipart(
@@ -445,7 +445,7 @@ class Broker:
                 )
             except zmq.ZMQError:
                 # Gone (its death is on its way from the spawner): the task waits for another.
-                self.ring.give_back(builder, slot)
+                self.ring.give_back(slot)
                 self._queue.push_back(task)
                 continue
             task.builder, task.slot = builder, slot
@@ -468,7 +468,7 @@ class Broker:
         task = self._holding.pop(builder, None)
         what = "idle"
         if task is not None:
-            self.ring.give_back(builder, task.slot)
+            self.ring.give_back(task.slot)
             task.deaths += 1
             what = f"building {self._describe(task)} (death {task.deaths} on it)"
             if task.deaths >= MAX_BUILD_DEATHS:
@@ -530,7 +530,7 @@ class Broker:
             images, tracker = self._images_frame(task, slot, header["shape"])
             out = [msgpack.packb(header, use_bin_type=True), images, *buffers]
         else:
-            self.ring.give_back(task.builder, task.slot)  # an error or encoded samples
+            self.ring.give_back(task.slot)  # an error or encoded samples
             out = [head, *buffers]
         self._count(task, header, out)
         self.front.send_multipart([task.client, *out], copy=False)
@@ -552,11 +552,11 @@ class Broker:
             import zmq
 
             frame = zmq.Frame(self.ring.copy_out(slot, n_bytes), track=True)
-            self.ring.give_back(task.builder, slot)
+            self.ring.give_back(slot)
             return frame, frame.tracker
         cs.sending += 1
         task.pinned = True
-        frame = self.ring.send_frame(task.builder, slot, n_bytes)
+        frame = self.ring.send_frame(slot, n_bytes)
         return frame, frame.tracker
 
     def _release_sent(self) -> None:

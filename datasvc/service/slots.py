@@ -3,9 +3,10 @@ the broker sends from without copying.
 
 The mapping is made before any builder is forked (builders inherit it) and has no name, so no
 crash can leave a segment behind. Address space is reserved for every slot; memory is used only
-as far as batches reach. Each builder owns ``per_builder`` slots (its index picks them), so a
-builder can build the next batch while libzmq still sends the previous one. The broker is the
-only one that decides who may write a slot: a slot is free, being written by its builder, or
+as far as batches reach. Slots are one pool: the broker names the slot with each task, so a
+builder can build the next batch while libzmq still sends the previous one, and a slot held by
+a slow reader's send costs the pool one slot, not a builder. The broker is the only one that
+decides who may write a slot: a slot is free, being written by the builder it was given to, or
 being sent (until libzmq's tracker says the send is done).
 """
 
@@ -20,20 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class SlotRing:
-    """``builders * per_builder`` slots of ``slot_bytes`` each; the broker's view of who owns
-    which slot."""
+    """``count`` slots of ``slot_bytes`` each; the broker's view of which are free."""
 
-    def __init__(self, builders: int, per_builder: int, slot_bytes: int):
-        self.builders = builders
-        self.per_builder = per_builder
+    def __init__(self, count: int, slot_bytes: int):
+        self.count = count
         self.slot_bytes = slot_bytes
-        self.mapping = mmap.mmap(-1, builders * per_builder * slot_bytes)  # SHARED|ANONYMOUS
-        self._free = {i: list(self.slots_of(i)) for i in range(builders)}
-        self._sending: list = []  # (builder, slot, zmq.MessageTracker)
-
-    def slots_of(self, builder: int) -> range:
-        first = builder * self.per_builder
-        return range(first, first + self.per_builder)
+        self.mapping = mmap.mmap(-1, count * slot_bytes)  # MAP_SHARED | MAP_ANONYMOUS
+        self._free = list(range(count))
+        self._sending: list = []  # (slot, zmq.MessageTracker)
 
     # --- the builder's side -----------------------------------------------------------------
 
@@ -47,25 +42,25 @@ class SlotRing:
 
     # --- the broker's side ------------------------------------------------------------------
 
-    def has_free(self, builder: int) -> bool:
-        return bool(self._free[builder])
+    def free(self) -> int:
+        return len(self._free)
 
-    def take(self, builder: int) -> int:
-        """A free slot of ``builder``, now reserved for its next batch."""
-        return self._free[builder].pop()
+    def take(self) -> int:
+        """A free slot, now reserved for the next batch."""
+        return self._free.pop()
 
-    def give_back(self, builder: int, slot: int) -> None:
-        """``slot`` was not sent (an error reply, a batch built elsewhere, a dead builder)."""
-        self._free[builder].append(slot)
+    def give_back(self, slot: int) -> None:
+        """``slot`` was not sent (an error reply, a copy, a dead builder)."""
+        self._free.append(slot)
 
-    def send_frame(self, builder: int, slot: int, nbytes: int):
+    def send_frame(self, slot: int, nbytes: int):
         """A zero-copy ZeroMQ frame of the slot's first ``nbytes``; the slot stays reserved
         until libzmq is done with the frame (see ``reclaim``)."""
         import zmq
 
         base = slot * self.slot_bytes
         frame = zmq.Frame(memoryview(self.mapping)[base : base + nbytes], track=True)
-        self._sending.append((builder, slot, frame.tracker))
+        self._sending.append((slot, frame.tracker))
         return frame
 
     def copy_out(self, slot: int, nbytes: int) -> bytes:
@@ -73,15 +68,15 @@ class SlotRing:
         base = slot * self.slot_bytes
         return self.mapping[base : base + nbytes]
 
-    def reclaim(self) -> set[int]:
-        """Free the slots whose sends have completed; → the builders that got one back."""
-        still, freed = [], set()
-        for builder, slot, tracker in self._sending:
+    def reclaim(self) -> int:
+        """Free the slots whose sends have completed; → how many."""
+        still, freed = [], 0
+        for slot, tracker in self._sending:
             if tracker.done:
-                self._free[builder].append(slot)
-                freed.add(builder)
+                self._free.append(slot)
+                freed += 1
             else:
-                still.append((builder, slot, tracker))
+                still.append((slot, tracker))
         self._sending = still
         return freed
 
