@@ -284,3 +284,23 @@ def test_remote_raise_names_the_record_and_the_cap_holds(damaged_server, damaged
     with _remote(damaged_server, on_corrupt="skip", max_corrupt=1) as loader:
         with pytest.raises(TooManyCorruptError, match=r"\b5 \(.*\b40 \("):
             _epoch(loader)
+
+
+def test_truncated_shard_served_by_remote_is_reported_not_a_dead_server(clean_pack, tmp_path):
+    """The server's builders open shards with the same check: a truncated LMDB shard gives
+    skipped records (skip) or a named error (raise), and the server keeps serving."""
+    from datasvc.service.local import LocalServer
+
+    pack = copy_pack(clean_pack, tmp_path / "pack")
+    path = truncate_shard(pack, "train", 1, keep=0.6)
+    with LocalServer([pack], workers=1) as server:
+        with _remote(server, on_corrupt="skip", max_corrupt=1.0) as loader:
+            ids, _ = _epoch(loader)
+            skipped = loader.skipped
+        assert len(skipped) == 32 and {e["shard"] for e in skipped} == {path.name}
+        assert sorted(ids + [e["id"] for e in skipped]) == list(range(64))
+        with _remote(server) as loader:
+            with pytest.raises(CorruptRecordError, match="shard truncated"):
+                _epoch(loader)
+        with _remote(server, split="val") as loader:  # still serving
+            assert len(_epoch(loader)[0]) == 12
