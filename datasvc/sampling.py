@@ -27,12 +27,15 @@ class ListingCache:
     An order depends only on ``(num_samples, seed, epoch, shuffle)`` -- not on rank, world
     size or batch size -- so a server answering 64 ranks computes each epoch's listing once
     (an ImageNet listing costs ~50 ms and 10 MB). Orders are read-only: a rank's batch is a
-    view. ``max_bytes`` bounds the memory held; ``computed`` counts the listings made, so a
-    test or a metric can tell a shared listing from a recomputed one.
+    view. ``max_listings`` and ``max_bytes`` bound the memory held: a job reads the current
+    epoch (and, around a boundary or an eval, one or two others), so a few listings suffice
+    and older epochs do not pile up while a server runs for days. ``computed`` counts the
+    listings made, so a test or a metric can tell a shared listing from a recomputed one.
     """
 
-    def __init__(self, max_bytes: int = 64 << 20):
+    def __init__(self, max_bytes: int = 64 << 20, max_listings: int = 4):
         self.max_bytes = int(max_bytes)
+        self.max_listings = int(max_listings)
         self.computed = 0
         self._orders: collections.OrderedDict = collections.OrderedDict()
         self._bytes = 0
@@ -52,7 +55,9 @@ class ListingCache:
             self._orders[key] = order
             self._bytes += order.nbytes
             # Keep at least the newest listing even when it alone exceeds the bound.
-            while self._bytes > self.max_bytes and len(self._orders) > 1:
+            while len(self._orders) > 1 and (
+                self._bytes > self.max_bytes or len(self._orders) > self.max_listings
+            ):
                 _, old = self._orders.popitem(last=False)
                 self._bytes -= old.nbytes
             return order

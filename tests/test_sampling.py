@@ -114,7 +114,7 @@ def test_listing_computed_once_for_every_rank():
 def test_listing_cache_memory_is_bounded():
     from datasvc.sampling import ListingCache
 
-    cache = ListingCache(max_bytes=3 * 8 * 1000)
+    cache = ListingCache(max_bytes=3 * 8 * 1000, max_listings=5)
     for epoch in range(10):
         cache.order(1000, 0, epoch, True)
     assert len(cache) == 3 and cache.nbytes == 3 * 8 * 1000
@@ -123,3 +123,7 @@ def test_listing_cache_memory_is_bounded():
     cache.order(1000, 0, 0, True)  # evicted long ago: recomputed, same order
     assert cache.computed == 11
     assert np.array_equal(cache.order(1000, 0, 0, True), EpochSampler(1000, 1).order())
+    by_count = ListingCache(max_listings=2)
+    for epoch in range(10):
+        by_count.order(100, 0, epoch, True)
+    assert len(by_count) == 2 and by_count.nbytes == 2 * 8 * 100
