@@ -75,7 +75,8 @@ def reference_batches(pack, **kw):
 
 def consume(loader, at: int, action, pause: float = 0.03):
     """Iterate ``loader``, calling ``action()`` after batch ``at``; pause between batches so
-    that the epoch outlasts a server's start. → (batches, requests sent per server)."""
+    that the epoch outlasts a server's start. → (batches, requests sent per server, when
+    each server got its first request)."""
     got = []
     with loader:
         for i, b in enumerate(loader):
@@ -83,7 +84,9 @@ def consume(loader, at: int, action, pause: float = 0.03):
             if i == at:
                 action()
             time.sleep(pause)
-        return got, {ep.address: ep.requests for ep in loader.client.endpoints}
+        served = {ep.address: ep.requests for ep in loader.client.endpoints}
+        first = {ep.address: ep.first_request_at for ep in loader.client.endpoints}
+        return got, served, first
 
 
 def assert_same_epoch(got, reference):
@@ -117,13 +120,17 @@ def test_second_server_joins_mid_epoch_through_endpoints_file(small_pack, tmp_pa
         second = LocalServer([small_pack], workers=1, extra=announce)
         loader = file_loader(endpoints)
         try:
-            got, served = consume(loader, 5, second.start)
+            up_at = []  # when the new server is listening (and announced)
+            got, served, first = consume(
+                loader, 5, lambda: (second.start(), up_at.append(time.monotonic()))
+            )
             assert len(endpoints.read_text().split()) == 2
             b_stats = second.raw_stats()
         finally:
             second.stop()
     assert_same_epoch(got, reference)
     assert served[second.endpoint] > 0 and served[a.endpoint] > 0
+    assert first[second.endpoint] - up_at[0] < 10, "a new server gets requests within 10 s"
     assert b_stats["batches"] >= 10, "the new server serves a share of the remaining batches"
     assert endpoints.read_text().split() == [], "each server withdrew itself on stop"
 
@@ -135,7 +142,7 @@ def test_drained_server_loses_nothing(small_pack, tmp_path):
     with LocalServer([small_pack], workers=1, extra=announce) as a:
         with LocalServer([small_pack], workers=1, extra=announce) as b:
             loader = file_loader(endpoints, credits=2)
-            got, after = consume(loader, 8, b.stop)  # SIGTERM: b withdraws and stops
+            got, after, _ = consume(loader, 8, b.stop)  # SIGTERM: b withdraws and stops
         assert endpoints.read_text().split() == [a.endpoint]
     assert_same_epoch(got, reference)
     assert b.endpoint not in after, "the drained server was dropped from the job"

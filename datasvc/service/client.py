@@ -173,6 +173,7 @@ class _Endpoint:
         self.timeouts = 0
         self.replies = 0
         self.requests = 0
+        self.first_request_at: float | None = None  # monotonic time of its first batch request
 
     def close(self) -> None:
         try:
@@ -487,6 +488,8 @@ class _Fetch:
                 return
             ep.inflight += 1
             ep.requests += 1
+            if ep.first_request_at is None:
+                ep.first_request_at = now
             self.inflight[rid] = (index, ep, now)
             if index in self.asked:
                 c.retries += 1
