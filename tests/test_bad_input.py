@@ -708,3 +708,21 @@ def test_convert_over_a_damaged_manifest_then_rebuild(sample_tree, tmp_path):
     assert datasvc("convert", sample_tree, out, "-q", timeout=60).returncode == 0
     rebuilt = json.loads((out / "manifest.json").read_text())
     assert rebuilt["splits"] == json.loads(good)["splits"]
+
+
+def test_custom_loader_reports_a_killed_worker_at_once(clean_pack):
+    """A worker killed mid-epoch (the OOM killer, an operator): the loader raises within
+    seconds, not after its 120 s timeout, naming the signal; no process is left."""
+    from datasvc.loaders import create_loader
+
+    # 32 batches of 2: far more than the workers build ahead of the first one
+    with create_loader("custom", clean_pack, batch_size=2, image_size=32, num_workers=2) as ld:
+        it = iter(ld)
+        next(it)
+        os.kill(ld._procs[0].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="killed by SIGKILL"):
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < 10
+    _no_children_left()
