@@ -726,3 +726,117 @@ def test_custom_loader_reports_a_killed_worker_at_once(clean_pack):
                 pass
         assert time.monotonic() - t0 < 10
     _no_children_left()
+
+
+# ---------------------------------------------------------------- serve: start checks
+
+
+@pytest.fixture
+def curve_keys(tmp_path) -> Path:
+    from datasvc.service.auth import write_keypair
+
+    keys = tmp_path / "keys"
+    write_keypair(keys / "server", "server")
+    pub, _ = write_keypair(keys / "client", "client")
+    (keys / "allowed").mkdir()
+    shutil.copy(pub, keys / "allowed" / "client.key")
+    (keys / "empty").mkdir()
+    return keys
+
+
+SERVE_START = {
+    "missing_secret": (["--curve-secret", "server/nope.key_secret", "--curve-allow", "allowed"],
+                       ["nope.key_secret", "no such file"]),
+    "public_as_secret": (["--curve-secret", "server/server.key", "--curve-allow", "allowed"],
+                         ["server.key", "only a public key"]),
+    "misspelled_allow": (["--curve-secret", "server/server.key_secret", "--curve-allow", "alowed"],
+                         ["alowed", "no such folder", "--curve-allow-any"]),
+    "empty_allow": (["--curve-secret", "server/server.key_secret", "--curve-allow", "empty"],
+                    ["empty", "no .key file", "--curve-allow-any"]),
+    "no_curve_beyond_loopback": ([], ["beyond loopback", "--insecure"]),  # a usage error
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SERVE_START))
+def test_serve_refuses_to_start(case, curve_keys, clean_pack):
+    """Each start failure is one line and an exit within 5 s, before anything is started."""
+    args, words = SERVE_START[case]
+    args = [str(curve_keys / a) if not a.startswith("--") else a for a in args]
+    before = tree_state(curve_keys)
+    r = datasvc("serve", clean_pack, "--bind", "tcp://0.0.0.0:0", *args, timeout=5)
+    code = 2 if case == "no_curve_beyond_loopback" else 1
+    assert_one_line_error(r, "datasvc serve", *words, code=code)
+    assert tree_state(curve_keys) == before
+
+
+def test_serve_port_in_use(clean_pack):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = datasvc("serve", clean_pack, "--bind", f"tcp://127.0.0.1:{port}", timeout=5)
+    assert_one_line_error(r, "datasvc serve", str(port), "in use")
+
+
+@pytest.fixture(scope="module")
+def curve_server(clean_pack, tmp_path_factory):
+    """A CURVE server on 127.0.0.1 that allows one client key."""
+    from datasvc.service.auth import write_keypair
+    from datasvc.service.local import LocalServer
+
+    keys = tmp_path_factory.mktemp("curve")
+    write_keypair(keys / "server", "server")
+    pub, _ = write_keypair(keys / "alice", "alice")
+    write_keypair(keys / "mallory", "mallory")
+    (keys / "allowed").mkdir()
+    shutil.copy(pub, keys / "allowed")
+    extra = ["--curve-secret", str(keys / "server" / "server.key_secret"),
+             "--curve-allow", str(keys / "allowed")]  # fmt: skip
+    with LocalServer([clean_pack], workers=1, extra=extra) as s:
+        yield s, keys
+
+
+def _remote_trainer(endpoint: str, tmp_path: Path, *opts: str, timeout: float = 20) -> Outcome:
+    return trainer("train", "--config", "digits", "data.backend=remote",
+                   f"data.source={endpoint}", f"train.out_dir={tmp_path / 'run'}",
+                   "data.batch_size=8", *opts, timeout=timeout)  # fmt: skip
+
+
+REMOTE_MISTAKES = {
+    "unknown_client_key": (["alice", "server"], "mallory", ["refused this client's CURVE key"]),
+    "wrong_server_key": (["alice", "mallory"], "alice", ["not this server's"]),
+    "plain_client": (None, None, ["it expects CURVE"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REMOTE_MISTAKES))
+def test_trainer_curve_mistakes_are_named(case, curve_server, tmp_path):
+    """Every CURVE mistake is its own one-line error naming the server, within seconds (not
+    the same 'no server answered' after 60 s)."""
+    s, keys = curve_server
+    names, client, words = REMOTE_MISTAKES[case]
+    opts = ["data.options.pack=pack", "data.options.dead_after=30"]
+    if names:
+        server_pub = keys / names[1] / f"{names[1]}.key"
+        opts += [f"data.options.curve_client_key={keys / client / f'{client}.key_secret'}",
+                 f"data.options.curve_server_key={server_pub}"]  # fmt: skip
+    t0 = time.monotonic()
+    r = _remote_trainer(s.endpoint, tmp_path, *opts)
+    assert_one_line_error(r, "python -m trainer train", s.endpoint, *words)
+    assert time.monotonic() - t0 < 10  # the trainer pings before it imports torch
+
+
+def test_trainer_unknown_remote_pack(curve_server, tmp_path):
+    s, keys = curve_server
+    curve = [f"data.options.curve_client_key={keys / 'alice' / 'alice.key_secret'}",
+             f"data.options.curve_server_key={keys / 'server' / 'server.key'}"]  # fmt: skip
+    r = _remote_trainer(s.endpoint, tmp_path, "data.options.pack=imagenet", *curve)
+    assert_one_line_error(r, "python -m trainer train", "'imagenet'", "give one of: pack", code=2)
+
+
+def test_trainer_dead_host(tmp_path):
+    r = _remote_trainer("tcp://127.0.0.1:9", tmp_path, "data.options.pack=pack",
+                        "data.options.dead_after=2")  # fmt: skip
+    assert_one_line_error(r, "python -m trainer train", "tcp://127.0.0.1:9")

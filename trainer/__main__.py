@@ -57,9 +57,16 @@ def _cmd_train(a) -> int:
 
 
 def check_pack_early(data) -> None:
-    """Fail fast, before torch is imported: a local pack must exist, have the train and val
-    splits, and give every rank a full train batch (the loaders check it again, later)."""
-    if data.backend == "remote" or not isinstance(data.source, str):
+    """Fail fast, before torch is imported: a server must answer (with the right CURVE keys)
+    and serve the pack; a local pack must exist, have the train and val splits, and give every
+    rank a full train batch (the loaders check it all again, later)."""
+    if data.backend == "remote":
+        from trainer.sources import pack_classes
+
+        if _rank() == 0:  # one ping per job, not one per rank
+            pack_classes(data)
+        return
+    if not isinstance(data.source, str):
         return
     from datasvc.packs import PackError, open_pack
     from datasvc.sampling import EpochSampler, require_batches
@@ -122,6 +129,7 @@ def _cmd_eval(a) -> int:
     cfg = load_config(a.config, a.overrides)
     require_data_source(cfg.data)  # before torch is imported and any process group starts
     check_checkpoint_file(a.checkpoint)
+    check_pack_early(cfg.data)
     from trainer.engine import evaluate_checkpoint
 
     res = evaluate_checkpoint(cfg, a.checkpoint, use_ema=a.ema)

@@ -15,6 +15,7 @@ import torch
 
 from datasvc.loaders import LOADERS, create_loader
 from trainer.config import DataConfig, require_data_source
+from trainer.sources import pack_classes  # noqa: F401 - the engine takes it from here
 
 
 def _accepts(backend: str, option: str) -> bool:
@@ -89,32 +90,6 @@ def describe_skipped(entries: list[dict], limit: int = 10) -> str:
     named = ", ".join(f"{e['id']} ({e['shard']} record {e['record']})" for e in entries[:limit])
     more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
     return f"{len(entries)} skipped as corrupt: {named}{more}"
-
-
-def pack_classes(cfg: DataConfig) -> list[str] | None:
-    """The class list of the data source: a local pack's, or the server's for ``remote``."""
-    if cfg.backend == "remote":
-        from datasvc.service.client import BatchClient
-
-        source = ",".join(cfg.source) if isinstance(cfg.source, list | tuple) else cfg.source
-        client = BatchClient(source, dead_after=60.0)
-        try:
-            return client.call("ping").get("classes", {}).get(cfg.options.get("pack")) or None
-        finally:
-            client.close()
-    if isinstance(cfg.source, list | tuple):
-        return None
-    from pathlib import Path
-
-    from datasvc.packs import PackError, open_pack
-
-    try:
-        return open_pack(cfg.source).classes
-    except PackError:
-        root = Path(cfg.source) / cfg.train_split
-        if root.is_dir():  # an ImageFolder tree (the torch backend reads those)
-            return sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise
 
 
 class DeviceBatch(NamedTuple):

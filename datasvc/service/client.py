@@ -43,8 +43,9 @@ PING_EVERY_S = 1.0  # a joining server is pinged again this often (its server ma
 BUSY_BACKOFF_S = 0.05  # a server that answered "busy" is asked again after this long
 
 
-class RemoteError(RuntimeError):
-    """The server refused or failed a request; ``code`` names why."""
+class RemoteError(UserError, RuntimeError):
+    """The server refused or failed a request; ``code`` names why. A ``UserError``: the
+    server's message is the whole story (a client-side traceback would add nothing)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
