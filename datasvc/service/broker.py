@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SLOTS_PER_BUILDER = 2  # one batch being sent while the next is built
 SPARE_SLOTS = 2  # for slots held by slow readers' sends
+UNREAD_REPLIES = 2  # a client with this many replies not taken by the network is not reading
 MAX_BUILD_DEATHS = 3  # builders that died holding one request: then it fails (no crash loop)
 RECENT_DEATHS = 10  # builder deaths listed in stats
 DRAIN_LINGER_S = 0.5  # a draining server answers "draining" at least this long before exiting
@@ -63,6 +64,7 @@ class Stats:
     bytes: int = 0
     errors: int = 0
     busy: int = 0  # requests answered "busy"
+    dropped: int = 0  # error replies not sent: the client was not reading
     busy_s: float = 0.0
     clients: ClientTable = field(default_factory=ClientTable)
     # builder index → epoch listings its process has computed (from its latest reply)
@@ -83,6 +85,7 @@ class Stats:
             "bytes": self.bytes,
             "errors": self.errors,
             "busy": self.busy,
+            "dropped": self.dropped,
             "images_per_s": round(self.images / up, 1),
             "bytes_per_image": round(self.bytes / self.images) if self.images else 0,
             "worker_busy": round(self.busy_s / (up * builders), 3),
@@ -279,7 +282,9 @@ class Broker:
         front = self._ctx.socket(zmq.ROUTER)
         front.linger = 0
         front.maxmsgsize = MAX_REQUEST_BYTES
-        front.sndhwm = self.config.hwm  # a client that stops reading gets drops, not memory
+        # A client's replies are bounded by its credits (+ 1, see clients.py): its pipe must hold
+        # them all, since a full pipe drops messages.
+        front.sndhwm = max(self.config.hwm, 2 * self.config.limits.credits + 8)
         front.rcvhwm = self.config.hwm * 4
         if self.config.curve_secret:
             from zmq.auth.thread import ThreadAuthenticator
@@ -613,7 +618,7 @@ class Broker:
                 self.stats.busy += 1
                 self.stats.outcomes["busy"] += 1
                 cs.busy += 1
-                self.front.send_multipart([client, error_header(rid, "busy", refusal)])
+                self._refuse(client, cs, error_header(rid, "busy", refusal))
                 return
             self._enqueue(client, rid, frames[1])
         except ProtocolError as e:
@@ -621,7 +626,17 @@ class Broker:
             self.stats.outcomes[outcome_label(e.code)] += 1
             cs.errors += 1
             rid = e.request_id if rid is None else rid
-            self.front.send_multipart([client, error_header(rid, e.code, str(e))])
+            self._refuse(client, cs, error_header(rid, e.code, str(e)))
+
+    def _refuse(self, client: bytes, cs, reply: bytes) -> None:
+        """Send an error reply, unless the client is not reading (two replies the network has
+        not taken): more replies would fill its pipe, and a full pipe drops messages, batches
+        too, which would free the credits they hold."""
+        if cs.unsent >= UNREAD_REPLIES:
+            self.stats.dropped += 1
+            cs.dropped += 1
+            return
+        self.front.send_multipart([client, reply])
 
     def queue_depth(self) -> int:
         """Requests queued, not yet given to a builder (read by the metrics thread)."""

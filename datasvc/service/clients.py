@@ -27,6 +27,7 @@ class ClientState:
     bytes: int = 0
     errors: int = 0
     busy: int = 0  # requests answered "busy" (over this client's credits or a full queue)
+    dropped: int = 0  # error replies not sent while it was not reading
     outstanding: int = 0  # requests queued or being built
     unsent: int = 0  # replies libzmq still holds (the client has not taken them)
     sending: int = 0  # of those, replies sent straight from a slot (at most one)
