@@ -137,6 +137,8 @@ def test_adopt_tensorflow_script_shards(tmp_path, clean_pack):
     src, expected = _write_tf_shards(tmp_path, clean_pack)
     with pytest.raises(PackError, match=r"datasvc adopt"):
         open_pack(tmp_path)
+    r = cli("convert", tmp_path, tmp_path.parent / "tf-pack", check=False)
+    assert r.returncode == 1 and f"run `datasvc adopt {tmp_path}` once" in r.stderr
     r = cli("adopt", tmp_path, "--workers", "2", "-q")
     assert "wrote" in r.stdout and (tmp_path / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.glob("*.idx")) == [
