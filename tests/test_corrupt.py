@@ -304,3 +304,4 @@ def test_truncated_shard_served_by_remote_is_reported_not_a_dead_server(clean_pa
                 _epoch(loader)
         with _remote(server, split="val") as loader:  # still serving
             assert len(_epoch(loader)[0]) == 12
+            assert loader.stats()["corrupt_skipped"] == 32  # counted in the server's stats

@@ -70,6 +70,7 @@ class Stats:
     # builder index → epoch listings its process has computed (from its latest reply)
     listings: dict = field(default_factory=dict)
     restarts: int = 0  # builders replaced after dying
+    corrupt_skipped: int = 0  # records left out of replies as corrupt (on_corrupt="skip")
     outcomes: collections.Counter = field(default_factory=collections.Counter)  # by metric label
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     deaths: collections.deque = field(
@@ -93,6 +94,7 @@ class Stats:
             "clients_forgotten": self.clients.forgotten,
             "listings_by_builder": {str(k): v for k, v in sorted(self.listings.items())},
             "builder_restarts": self.restarts,
+            "corrupt_skipped": self.corrupt_skipped,
             "builder_deaths": list(self.deaths),
         }
 
@@ -587,6 +589,7 @@ class Broker:
             self.stats.images += header["n"]
             self.stats.bytes += size
             self.stats.busy_s += header.get("busy_s", 0.0)
+            self.stats.corrupt_skipped += len(header.get("skipped") or ())
             cs.batches += 1
             cs.images += header["n"]
             cs.bytes += size
