@@ -1,5 +1,7 @@
 """The service with real processes on 127.0.0.1: exact-once over ranks, kill -9 and restart,
-failover between servers, a fuzzer beside a valid client, and CURVE refusal."""
+failover between servers, a fuzzer beside a valid client, CURVE refusal; builders killed and
+replaced, bounded work, a greedy client, failed starts, drain on SIGTERM, SIGHUP, and clients
+that do not wait forever."""
 
 from __future__ import annotations
 
@@ -686,3 +688,60 @@ def test_unreachable_endpoints_named_with_the_time_waited():
     assert "tcp://127.0.0.1:9 (no connection)" in message
     assert "tcp://127.0.0.1:7 (no connection)" in message
     assert re.search(r"in 1\.\ds", message), message
+
+
+class _NaySayer(threading.Thread):
+    """A real ROUTER on 127.0.0.1 that answers ping properly and every batch request with the
+    error ``code``, either without the request's id or with it: a server that keeps saying no."""
+
+    def __init__(self, code: str, with_id: bool):
+        super().__init__(daemon=True)
+        self.code, self.with_id = code, with_id
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from datasvc.service.protocol import error_header, pack_header
+
+        while not self.stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            peer, frame = self.sock.recv_multipart()
+            req = msgpack.unpackb(frame)
+            if req["op"] == "ping":
+                pong = {"id": req["id"], "ok": True, "op": "pong", "packs": {"pack": {"train": 64}}}
+                reply = pack_header({**pong, "limits": None, "workers": 1})
+            else:
+                reply = error_header(req["id"] if self.with_id else None, self.code, "no")
+            self.sock.send_multipart([peer, reply])
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.mark.parametrize(
+    "code, with_id, raises",
+    [("range", False, RemoteError), ("busy", True, NoServerError), ("busy", False, NoServerError)],
+)
+def test_a_server_that_keeps_saying_no_is_not_waited_on_forever(code, with_id, raises):
+    """An error reply without the request's id is tied to the oldest request in flight there;
+    "busy" forever is not progress: the client raises after dead_after, not never."""
+    nay = _NaySayer(code, with_id)
+    nay.start()
+    c = BatchClient(nay.endpoint, request_timeout=30, dead_after=2, pack="pack")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(raises):
+            list(
+                c.fetch(
+                    [BatchRequest("pack", "train", True, 64, 0, 0, 0, 1, 8, b) for b in range(3)]
+                )
+            )
+    finally:
+        c.close()
+        nay.stop.set()
+        nay.join()
+    assert time.monotonic() - t0 < 5
