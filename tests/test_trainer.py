@@ -354,14 +354,97 @@ def test_no_mixing_keeps_int_labels():
     assert not mixer.active
 
 
-def test_cutout_zeroes_one_square_per_image():
+def test_cutout_zeroes_one_square_per_batch():
+    """Seed 002's cutout_data: the same clipped square, zeroed, in every image of the batch."""
     import numpy as np
 
     x = torch.ones(4, 3, 20, 20)
     cutout_(x, 6, np.random.default_rng(0))
-    zeros = (x == 0).all(dim=1).sum(dim=(1, 2))
-    assert ((zeros > 0) & (zeros <= 36)).all()
-    assert torch.all((x == 0).all(dim=1) == (x == 0).any(dim=1))  # all channels alike
+    zero = x == 0
+    assert zero.any() and bool((zero == zero[:1]).all())  # one place for the whole batch
+    assert bool((zero == zero[:, :1]).all())  # all channels
+    rows, cols = zero[0, 0].any(1).sum().item(), zero[0, 0].any(0).sum().item()
+    assert 1 <= rows <= 6 and 1 <= cols <= 6 and zero[0, 0].sum().item() == rows * cols
+
+
+# --- per-sample device augmentations (trainer.augment) ----------------------------------------
+
+
+def _uint8_batch(n=6, size=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def test_color_jitter_matches_torchvision_within_one_level():
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    from trainer.augment import DeviceAugment
+
+    aug = DeviceAugment(AugmentConfig(color_jitter=(0.4, 0.4, 0.4)), seed=1)
+    x = _uint8_batch()
+    ids = torch.arange(100, 106)
+    out = aug(x.float(), ids, epoch=2)
+    ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation)
+    for i, p in enumerate(aug.params(ids.tolist(), 2)):
+        assert all(0.6 <= f <= 1.4 for f in p["factors"]) and sorted(p["order"]) == [0, 1, 2]
+        ref = x[i]
+        for k in p["order"]:
+            ref = ops[k](ref, p["factors"][k])
+        assert (out[i] - ref.float()).abs().max() <= 1, p
+
+
+def test_rotation_matches_torchvision_within_one_level():
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    from trainer.augment import DeviceAugment
+
+    aug = DeviceAugment(AugmentConfig(rotation=15.0), seed=0)
+    x = _uint8_batch(size=31)
+    ids = torch.arange(6)
+    out = aug(x.float(), ids, epoch=0)
+    angles = [p["angle"] for p in aug.params(ids.tolist(), 0)]
+    assert all(-15 <= a <= 15 for a in angles) and len(set(angles)) == 6
+    for i, angle in enumerate(angles):
+        ref = tvf.rotate(x[i], angle)  # nearest, fill 0, same size: RandomRotation's defaults
+        assert (out[i] - ref.float()).abs().max() <= 1, angle
+
+
+def test_random_erasing_follows_torch_toolbox():
+    from trainer.augment import DeviceAugment
+
+    cfg = AugmentConfig(random_erasing=0.5)
+    aug = DeviceAugment(cfg, seed=0)
+    n, size = 300, 64
+    x = torch.full((n, 3, size, size), 255.0)
+    out = aug(x, torch.arange(n), epoch=0)
+    changed = (out != 255).any(dim=1)  # fills are in [0, 255), so an erased pixel changes
+    erased = changed.flatten(1).any(1)
+    assert 0.4 < erased.float().mean().item() < 0.6  # p = 0.5
+    for i in torch.nonzero(erased).flatten().tolist():
+        area = changed[i].sum().item() / size**2
+        assert 0.02 * 0.75 <= area <= 0.4  # sides are truncated to whole pixels
+        rows, cols = changed[i].any(1).sum().item(), changed[i].any(0).sum().item()
+        assert rows * cols == changed[i].sum().item()  # one box
+        levels = out[i][:, changed[i]]
+        assert (levels == levels[0, 0]).all()  # one fill level, every channel
+        aspect = rows / cols
+        assert 0.4 * 0.7 <= aspect <= 2.5 / 0.7
+
+
+def test_device_augment_is_a_function_of_seed_epoch_and_id():
+    from trainer.augment import DeviceAugment
+
+    cfg = AugmentConfig(color_jitter=(0.4, 0.4, 0.4), rotation=15.0, random_erasing=0.5)
+    aug = DeviceAugment(cfg, seed=7)
+    x = _uint8_batch(n=8, size=20).float()
+    ids = torch.arange(50, 58)
+    a = aug(x.clone(), ids, epoch=3)
+    # The same samples in another order and batch, on another "rank": the same pixels.
+    perm = torch.tensor([5, 2, 7, 0, 1, 3, 6, 4])
+    b = aug(x[perm].clone(), ids[perm], epoch=3)
+    assert torch.equal(a[perm], b)
+    assert torch.equal(aug(x[:3].clone(), ids[:3], epoch=3), a[:3])
+    assert not torch.equal(aug(x.clone(), ids, epoch=4), a)  # another epoch, other draws
+    assert not torch.equal(DeviceAugment(cfg, seed=8)(x.clone(), ids, epoch=3), a)
+    assert not DeviceAugment(AugmentConfig()).active
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -419,9 +502,11 @@ SEEDS = {
     "seed001_resnet50.yaml": ("resnet50", 32, 0.2, 5e-5, "cosine", 100, "none"),
     "seed001_efficientnet_b0.yaml": ("efficientnet_b0", 32, 0.4, 1e-5, "cosine", 100, "none"),
     "seed002_sge_resnet50.yaml": ("sge_resnet50", 32, 0.1, 1e-4, "step", 100, "none"),
-    "seed003_resnet50_fp16.yaml": ("resnet50", 128, 0.4, 1e-4, "cosine", 120, "fp16"),
+    "seed002_shufflenetv2_1x.yaml": ("shufflenetv2_1x", 128, 0.4, 4e-5, "cosine", 300, "none"),
+    "seed003_resnet50.yaml": ("resnet50", 128, 0.4, 1e-4, "cosine", 120, "fp16"),
     "seed003_mobilenetv3_large.yaml": ("mobilenetv3_large", 256, 2.6, 3e-5, "cosine", 360, "fp16"),
 }
+CONFIG_FILES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", sorted(SEEDS))
@@ -431,21 +516,236 @@ def test_seed_configs(name):
     cfg = load_config(CONFIGS / name)
     model, batch, lr, wd, schedule, epochs, amp = SEEDS[name]
     assert cfg.model.name == model and model in list_models()
-    assert cfg.data.batch_size == batch
+    assert cfg.data.batch_size == batch and cfg.meta.gpus == 8
     assert scaled_lr(cfg.optim, 8 * batch) == pytest.approx(lr)
     assert cfg.optim.weight_decay == pytest.approx(wd)
     assert (cfg.optim.schedule, cfg.train.epochs, cfg.train.amp) == (schedule, epochs, amp)
     if name.startswith("seed003"):
         assert cfg.optim.nesterov and cfg.optim.warmup_epochs == 5
+        assert cfg.augment.color_jitter == (0.4, 0.4, 0.4)  # every seed-003 row
     if name == "seed002_sge_resnet50.yaml":
         assert cfg.optim.milestones == (30, 60, 90) and not cfg.optim.nesterov
+    if name in ("seed003_mobilenetv3_large.yaml", "seed002_shufflenetv2_1x.yaml"):
+        assert cfg.augment.label_smoothing == 0.1
+        assert cfg.augment.label_smoothing_mode == "others"  # eps/(K-1), both seeds
     if name == "seed003_mobilenetv3_large.yaml":
-        assert cfg.augment.label_smoothing == 0.1 and cfg.optim.no_decay_bias_norm
-        assert cfg.model.drop_rate > 0
+        assert cfg.optim.no_decay == ("bias", "norm", "other") and cfg.model.drop_rate > 0
+    if name == "seed002_shufflenetv2_1x.yaml":  # "4e-5 weight decay on conv weights" only
+        assert cfg.optim.no_decay == ("bias", "norm", "linear")
 
 
-def test_every_config_file_is_covered():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*SEEDS, "digits.yaml"])
+def test_every_seed_row_has_a_config():
+    """Seed 001's five rows; seed 002's classification table (12 ResNets and the mobile recipe's
+    ShuffleNetV2) and its WS table (10); seed 003's baselines (14) and ablations (11 besides the
+    baseline and pre-active rows, which are baselines, plus OctConv)."""
+    rows = {}
+    for name in CONFIG_FILES:
+        meta = load_config(CONFIGS / name).meta
+        if meta.seed:
+            rows.setdefault(meta.seed, []).append(meta.row)
+            assert name.startswith(f"seed{meta.seed}_")
+    assert {k: len(v) for k, v in rows.items()} == {"001": 5, "002": 23, "003": 26}
+    assert all(len(set(v)) == len(v) for v in rows.values())  # one config per row
+    b1 = load_config(CONFIGS / "seed001_efficientnet_b1.yaml").data
+    assert (b1.image_size, b1.eval_resize) == (240, 274)  # 256/224 x 240
+
+
+def test_configs_cli_lists_every_config():
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "configs", "--json"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert sorted(rows) == [n.removesuffix(".yaml") for n in CONFIG_FILES]
+    r = rows["seed003_resnet50_mixup"]
+    assert (r["model"], r["epochs"], r["global_batch"], r["lr"]) == ("resnet50", 120, 1024, 0.4)
+    assert "mixup=0.2" in r["tricks"] and r["published_top1"] == 77.49 and r["needs_gpu"]
+    assert rows["seed002_resnet50"]["needs_gpu"] is False
+    assert rows["seed003_ghostnet_1_3"]["global_batch"] == 3200
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory):
+    from tests.digits import make_digits_pack
+
+    return make_digits_pack(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_trains_two_steps(name, tiny_pack, tmp_path):
+    """Every config builds its model and recipe and takes two optimizer steps on CPU, at 64 px
+    with batches of 2 (the digits pack stands in for ImageNet; a new config is tested as is)."""
+    from trainer.engine import Dist, Trainer
+
+    cfg = load_config(
+        CONFIGS / name,
+        [
+            "data.backend=custom",
+            f"data.source={tiny_pack}",
+            "data.image_size=64",
+            "data.batch_size=2",
+            "data.val_batch_size=2",
+            "data.num_workers=0",
+            "data.eval_resize=null",
+            "model.num_classes=null",
+            "train.amp=none",  # fp16 needs CUDA; the rest of the recipe is unchanged
+            "model.sync_bn=false",
+            "train.max_steps=2",
+            "train.log_interval=1",
+            "train.plot=false",
+            "train.tensorboard=false",
+            "train.threads=1",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
+    summary = Trainer(cfg, Dist(0, 1, 0, torch.device("cpu"))).fit()
+    assert summary["steps"] == 2
+    recs = _records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["loss"]) for r in recs)
+    state = ckpt.load(tmp_path / ckpt.LAST)
+    assert state["progress"]["global_step"] == 2
+
+
+def _tiny_cli(pack, out, *extra) -> list[str]:
+    """``python -m trainer train`` on the digits val split (360 images, 22 steps of 16)."""
+    return [
+        sys.executable,
+        "-m",
+        "trainer",
+        "train",
+        "--config",
+        str(CONFIGS / "digits.yaml"),
+        f"data.source={pack}",
+        "data.train_split=val",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "train.keep_last=1",
+        "train.log_interval=5",
+        "train.plot=false",
+        f"train.out_dir={out}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_run_folder_resumes_keeps_best_and_last_n_and_writes_tensorboard(tiny_pack, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    first = _run(_tiny_cli(tiny_pack, out, "train.epochs=1"))
+    assert "continuing" not in first and (out / "epoch0001.pt").exists()
+    # The same command with more epochs continues the run folder (train.auto_resume).
+    second = _run(_tiny_cli(tiny_pack, out, "train.epochs=2"))
+    assert "continuing the run" in second and "resumed from" in second
+    assert not (out / "epoch0001.pt").exists() and (out / "epoch0002.pt").exists()  # keep_last 1
+    val = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "val"]
+    assert [r["epoch"] for r in val] == [0, 1]
+    best = ckpt.load(out / ckpt.BEST)
+    assert best["best_top1"] == max(r["top1"] for r in val)
+    assert best["progress"]["epoch"] == max(val, key=lambda r: r["top1"])["epoch"]
+    train = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(r["eta_s"] >= 0 for r in train) and train[-1]["eta_s"] == 0
+    assert " eta " in second
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [r["step"] for r in train]  # the resumed run purged nothing twice
+    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([r["top1"] for r in val])
+    # --fresh starts over in the same folder.
+    third = _run(_tiny_cli(tiny_pack, out, "train.epochs=1", "--fresh"))
+    assert "resumed" not in third
+    assert [r["epoch"] for r in _records(out / "metrics.jsonl") if r["kind"] == "val"] == [0]
+
+
+def test_gradient_accumulation_steps_over_micro_batches(tiny_pack, tmp_path):
+    """accum_steps=2 makes one optimizer step of two loader batches: half the steps, twice the
+    global batch and lr, the same samples in the same order."""
+    from trainer.engine import Dist, Trainer
+
+    def run(out, *extra):
+        cfg = load_config(
+            CONFIGS / "digits.yaml",
+            [
+                f"data.source={tiny_pack}",
+                "data.batch_size=4",
+                "data.num_workers=0",
+                "train.max_steps=4",
+                "train.log_ids=true",
+                "train.log_interval=1",
+                "train.plot=false",
+                "train.tensorboard=false",
+                f"train.out_dir={out}",
+                *extra,
+            ],
+        )
+        trainer = Trainer(cfg, Dist(0, 1, 0, torch.device("cpu")))
+        trainer.fit()
+        return trainer, _records(out / "ids-rank0.jsonl")
+
+    one, ids_one = run(tmp_path / "one", "train.max_steps=8")
+    two, ids_two = run(tmp_path / "two", "train.accum_steps=2")
+    assert two.steps_per_epoch == one.steps_per_epoch // 2
+    assert two.global_batch == 2 * one.global_batch and two.peak_lr == 2 * one.peak_lr
+    assert [r["step"] for r in ids_two] == [1, 2, 3, 4] and len(ids_one) == 8
+    # Four steps of two batches consumed exactly the eight batches of the plain run.
+    assert two.cursor == one.cursor
+    assert ckpt.load(tmp_path / "two" / ckpt.LAST)["progress"]["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains(tiny_pack, tmp_path):
+    """train.compile wraps the training forward in torch.compile; two steps train and log."""
+    from trainer.engine import Dist, Trainer
+
+    cfg = load_config(
+        CONFIGS / "digits.yaml",
+        [
+            f"data.source={tiny_pack}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "train.compile=true",
+            "train.max_steps=2",
+            "train.log_interval=1",
+            "train.plot=false",
+            "train.tensorboard=false",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
+    trainer = Trainer(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    assert trainer.forward is not trainer.ddp  # the compiled wrapper
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+    assert all(math.isfinite(r["loss"]) for r in _records(tmp_path / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_without_a_gpu(tmp_path):
+    """scripts/gpu-check.sh at its small size: the CPU parts run, each GPU part is skipped with
+    a line saying so, and one JSON holds the bench and the training run."""
+    if torch.cuda.is_available():
+        pytest.skip("this test covers the CPU path; on a GPU run the script itself")
+    p = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(tmp_path)],
+        cwd=ROOT,
+        env={**_env(), "GPU_CHECK_SMALL": "1", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "gpu-check: no CUDA GPU: skipping the fp16/bf16 ResNet-50 runs" in p.stdout
+    result = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert result["gpu"] is None
+    assert "remote decode=dali_gpu" in result["skipped"] and "bench dali_gpu" in result["skipped"]
+    names = {r["backend"] for r in result["bench"]["results"]}
+    assert "custom" in names
+    run = result["train"]["cpu_custom_fp32"]
+    assert run["steps"] == 3 and run["images_per_s"] > 0 and 0 <= run["data_wait_frac"] <= 1
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -576,7 +876,7 @@ def test_cli_rejects_bad_override():
 
 # --- end to end on real data: torchrun, two gloo ranks -----------------------------------------
 
-DIGITS_STEPS = 132  # 6 epochs x 22 steps (1437 train images, 2 ranks x 32)
+DIGITS_STEPS = 176  # 8 epochs x 22 steps (1437 train images, 2 ranks x 32)
 DIGITS_GLOBAL_BATCH = 64  # 2 ranks x data.batch_size 32 (configs/digits.yaml)
 
 
@@ -668,7 +968,9 @@ def test_torchrun_gloo_trains_digits(uninterrupted, digits_server):
     recs = _records(out / "metrics.jsonl")
     val = [r for r in recs if r["kind"] == "val"]
     train = [r for r in recs if r["kind"] == "train"]
-    assert len(val) == 6 and all(r["count"] == 360 for r in val)  # every val image once
+    assert len(val) == 8 and all(r["count"] == 360 for r in val)  # every val image once
+    # With every device augmentation on, 8 epochs reach 93-97% (runs differ by a few points);
+    # 90% is the bar that still catches a pipeline that stopped learning.
     assert val[-1]["top1"] >= 90.0, val
     assert train[-1]["step"] == DIGITS_STEPS
     for r in train:  # the data-stall figure (unclamped) and throughput, every interval
@@ -776,7 +1078,7 @@ def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_server, t
     assert {k: b[k][1] for k in b} == {k: a[k][1] for k in a}
     va = [r for r in _records(ref / "metrics.jsonl") if r["kind"] == "val"]
     vb = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "val"]
-    assert [r["epoch"] for r in vb] == list(range(6))
+    assert [r["epoch"] for r in vb] == list(range(8))
     assert vb[-1]["top1"] == va[-1]["top1"] and vb[-1]["loss"] == va[-1]["loss"]
     ta = [r for r in _records(ref / "metrics.jsonl") if r["kind"] == "train"]
     tb = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "train"]

@@ -4,6 +4,7 @@
         [--resume | --resume-from CHECKPOINT]
     python -m trainer eval --config CONFIG --checkpoint RUN/last.pt [--ema] [k=v ...]
     python -m trainer models [--json] [--pattern 'resnet*']
+    python -m trainer configs [--json]
 
 Overrides are ``section.key=value`` with YAML values, e.g. ``optim.lr=0.2 data.batch_size=64
 optim.milestones=[30,60,90]``.
@@ -31,7 +32,16 @@ def _cmd_train(a) -> int:
     require_data_source(cfg.data)  # before torch is imported and any process group starts
     if a.out:
         cfg = cfg.replace({"train.out_dir": a.out})
+    if a.fresh:
+        cfg = cfg.replace({"train.auto_resume": False})
     resume = a.resume_from or a.resume
+    last = Path(cfg.train.out_dir) / "last.pt"
+    if not resume and cfg.train.auto_resume and last.exists():
+        resume = True  # a run folder with a checkpoint continues where it stopped
+        if _rank() == 0:
+            print(
+                f"python -m trainer train: continuing the run in {last.parent} (--fresh restarts)"
+            )
     if a.resume_from:
         check_checkpoint_file(a.resume_from)
     elif a.resume and (Path(cfg.train.out_dir) / "last.pt").exists():
@@ -184,6 +194,25 @@ def _cmd_models(a) -> int:
     return 0
 
 
+def _cmd_configs(a) -> int:
+    from trainer.catalog import CONFIG_DIR, config_rows
+
+    rows = config_rows(Path(a.dir) if a.dir else CONFIG_DIR)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    head = f"{'config':<32} {'model':<20} {'epochs':>6} {'batch':>6} {'lr':>7} {'top-1':>7} GPU"
+    print(head + "  tricks")
+    for r in rows:
+        top1 = f"{r['published_top1']:.2f}" if r["published_top1"] is not None else "-"
+        gpu = "yes" if r["needs_gpu"] else "no "
+        print(
+            f"{r['name']:<32} {r['model']:<20} {r['epochs']:>6} {r['global_batch']:>6} "
+            f"{r['lr']:>7.4g} {top1:>7} {gpu}  {', '.join(r['tricks']) or '-'}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m trainer",
@@ -206,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from <out_dir>/last.pt when it exists (else start afresh)",
     )
     t.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint")
+    t.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start afresh even when <out_dir>/last.pt exists (train.auto_resume=false)",
+    )
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(fn=_cmd_train)
 
@@ -215,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     e.add_argument("overrides", nargs="*", metavar="section.key=value")
     e.set_defaults(fn=_cmd_eval)
+
+    c = sub.add_parser("configs", help="list the seed-row configs and what they published")
+    c.add_argument("--json", action="store_true", help="print one JSON object per config")
+    c.add_argument("--dir", help="another folder of configs (default: trainer/configs)")
+    c.set_defaults(fn=_cmd_configs)
 
     m = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     m.add_argument(

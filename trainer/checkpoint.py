@@ -19,6 +19,7 @@ import torch
 from datasvc.errors import UserError
 
 LAST = "last.pt"
+BEST = "best.pt"  # the epoch-end checkpoint of the highest val top-1
 CHECKPOINT_VERSION = 1
 
 
@@ -42,6 +43,20 @@ def save_atomic(state: dict, path: str | os.PathLike) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def epoch_name(epoch: int) -> str:
+    """File name of epoch ``epoch``'s (0-based) end-of-epoch checkpoint, kept by ``keep_last``."""
+    return f"epoch{epoch + 1:04d}.pt"
+
+
+def prune_epochs(folder: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest epoch checkpoints in ``folder``; returns the deleted."""
+    kept = sorted(Path(folder).glob("epoch[0-9][0-9][0-9][0-9].pt"))
+    gone = kept[:-keep] if keep else kept
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:

@@ -56,6 +56,7 @@ class DataConfig:
     val_batch_size: int | None = None  # per rank; default batch_size
     image_size: int = 224
     val_image_size: int | None = None  # default image_size
+    eval_resize: int | None = None  # shorter side before the eval center crop; None: 256/224 x
     num_workers: int | None = None  # per rank; backend default when None
     pin_memory: bool | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -86,6 +87,10 @@ class DataConfig:
         _check(0 <= self.hflip <= 1, f"data.hflip must be a probability, got {self.hflip}")
         _check(len(self.mean) == 3 and len(self.std) == 3, "data.mean/std need 3 values")
         _check(all(s > 0 for s in self.std), "data.std must be positive")
+        _check(
+            self.eval_resize is None or self.eval_resize >= self.eval_image_size,
+            f"data.eval_resize ({self.eval_resize}) must be >= the eval image size",
+        )
 
     @property
     def eval_batch_size(self) -> int:
@@ -121,11 +126,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Batch-level augmentation on the trainer's device, and label smoothing of the targets.
+    """Augmentation on the trainer's device, and label smoothing of the targets.
 
-    Mixup and CutMix are enabled by a positive alpha; with both, each batch picks CutMix with
-    ``switch_prob``. ``mix_prob`` is the chance a batch is mixed at all. ``cutout`` is the side in
-    pixels of one zeroed square per batch (seed 002's cutout), 0 for none.
+    Per sample, on the uint8 levels, drawn from (seed, epoch, sample id) (``trainer.augment``):
+    ``color_jitter`` (brightness, contrast, saturation; seed 003: 0.4 each), ``rotation``
+    (degrees, seed 003: 15), ``random_erasing`` (probability of torch-toolbox's Cutout: a box of
+    ``erasing_area`` of the image, aspect in ``erasing_aspect``, one random fill level).
+    Per batch, normalized: ``cutout`` is the side in pixels of one zeroed square for the whole
+    batch (seed 002's cutout, 112 there), 0 for none. Mixup and CutMix are enabled by a positive
+    alpha; with both, each batch picks CutMix with ``switch_prob``; ``mix_prob`` is the chance a
+    batch is mixed at all.
     """
 
     label_smoothing: float = 0.0
@@ -135,6 +145,11 @@ class AugmentConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     cutout: int = 0
+    color_jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation: float = 0.0
+    random_erasing: float = 0.0
+    erasing_area: tuple[float, float] = (0.02, 0.4)
+    erasing_aspect: tuple[float, float] = (0.4, 2.5)
 
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "augment.label_smoothing must be in [0, 1)")
@@ -148,6 +163,13 @@ class AugmentConfig:
             "augment.mix_prob and switch_prob must be probabilities",
         )
         _check(self.cutout >= 0, "augment.cutout must be >= 0")
+        _check(all(0 <= j < 1 for j in self.color_jitter), "augment.color_jitter values in [0, 1)")
+        _check(0 <= self.rotation <= 180, "augment.rotation is in degrees, 0..180")
+        _check(0 <= self.random_erasing <= 1, "augment.random_erasing is a probability")
+        lo, hi = self.erasing_area
+        _check(0 < lo <= hi <= 1, "augment.erasing_area must satisfy 0 < lo <= hi <= 1")
+        lo, hi = self.erasing_aspect
+        _check(0 < lo <= hi, "augment.erasing_aspect must satisfy 0 < lo <= hi")
 
     @property
     def mixing(self) -> bool:
@@ -234,6 +256,12 @@ class TrainConfig:
     steps (0: at epoch ends only); a checkpoint is always written at each epoch end. ``log_ids``
     writes one line per step and rank with a hash of the sample ids (for data-order checks).
     ``threads`` sets torch's intra-op threads per rank (None: torch's default).
+    ``accum_steps`` micro-batches make one optimizer step (global batch = batch_size x ranks x
+    accum_steps). ``max_steps`` > 0 stops after that many optimizer steps (smoke runs and
+    benchmarks: no evaluation). ``compile`` wraps the training forward in ``torch.compile``.
+    ``keep_last`` keeps that many epoch-end checkpoints besides ``last.pt`` and ``best.pt``
+    (highest val top-1). ``auto_resume`` continues from ``<out_dir>/last.pt`` when it exists.
+    ``tensorboard`` writes the logged scalars under ``<out_dir>/tb`` too.
     """
 
     epochs: int = 100
@@ -248,9 +276,17 @@ class TrainConfig:
     plot: bool = True
     device: str = "auto"
     threads: int | None = None
+    accum_steps: int = 1
+    max_steps: int = 0
+    compile: bool = False
+    keep_last: int = 0
+    auto_resume: bool = True
+    tensorboard: bool = True
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.accum_steps >= 1, f"train.accum_steps must be >= 1, got {self.accum_steps}")
+        _check(self.max_steps >= 0 and self.keep_last >= 0, "max_steps, keep_last must be >= 0")
         _check(
             self.amp in ("none", "fp16", "bf16"), f"train.amp: none, fp16 or bf16, not {self.amp!r}"
         )
@@ -260,12 +296,30 @@ class TrainConfig:
         _check(self.threads is None or self.threads >= 1, "train.threads must be >= 1")
 
 
+@dataclass(frozen=True)
+class MetaConfig:
+    """What a config reproduces (nothing here changes training): the seed document and its
+    table row, the published accuracy, and how many GPUs the seed trained on (so the seed's
+    global batch is ``batch_size x gpus x accum_steps``)."""
+
+    seed: str = ""
+    row: str = ""
+    published_top1: float | None = None
+    published_top5: float | None = None
+    gpus: int = 1
+    notes: str = ""
+
+    def __post_init__(self):
+        _check(self.gpus >= 1, f"meta.gpus must be >= 1, got {self.gpus}")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "augment": AugmentConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "meta": MetaConfig,
 }
 
 
@@ -278,6 +332,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
 
     def to_dict(self) -> dict:
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}

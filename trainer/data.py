@@ -42,9 +42,10 @@ def _options(cfg: DataConfig, device: torch.device) -> dict:
 
 
 def _transform(cfg: DataConfig, train: bool) -> dict | None:
-    """The train crop's scale and flip from the config (every backend honours them)."""
+    """The train crop's scale and flip, or the eval resize, from the config (every backend
+    honours them)."""
     if not train:
-        return None
+        return {"eval_resize": cfg.eval_resize} if cfg.eval_resize else None
     return {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip}
 
 
@@ -109,8 +110,10 @@ class DeviceLoader:
 
     On CUDA the copy, normalization and mixing of batch ``i + 1`` run on a side stream while
     batch ``i`` trains; elsewhere each batch is converted when asked for. ``channels_last`` keeps
-    images in NHWC memory, which convolutions prefer. ``mixer`` (train only) is a
-    ``recipe.BatchMixer``, keyed by (epoch, batch index, rank) so a resumed run mixes alike.
+    images in NHWC memory, which convolutions prefer. ``augment`` (train only) is a
+    ``trainer.augment.DeviceAugment``, applied to the 0..255 levels before normalization and
+    keyed by (epoch, sample id); ``mixer`` (train only) is a ``recipe.BatchMixer``, keyed by
+    (epoch, batch index, rank), after it. Both make a resumed run augment alike.
     """
 
     def __init__(
@@ -122,12 +125,14 @@ class DeviceLoader:
         *,
         channels_last: bool = True,
         mixer=None,
+        augment=None,
         rank: int = 0,
     ):
         self.loader = loader
         self.device = device
         self.channels_last = channels_last
         self.mixer = mixer if mixer is not None and mixer.active else None
+        self.augment = augment if augment is not None and augment.active else None
         self.rank = rank
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
@@ -142,6 +147,8 @@ class DeviceLoader:
         labels = batch.labels.to(self.device, non_blocking=True)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.contiguous(memory_format=fmt).float()
+        if self.augment is not None:
+            images = self.augment(images, batch.ids, epoch).contiguous(memory_format=fmt)
         images.sub_(self.mean).mul_(self.inv_std)
         if self.mixer is not None:
             images, labels = self.mixer(images, labels, epoch=epoch, step=index, rank=self.rank)

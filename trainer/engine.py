@@ -1,15 +1,17 @@
-"""Train and eval loops: DDP (NCCL on GPUs, gloo on CPU), AMP, channels-last, exact resume,
-exact evaluation, and the run's logs (console, JSONL, a PNG of the curves at the end).
+"""Train and eval loops: DDP (NCCL on GPUs, gloo on CPU), AMP, channels-last, gradient
+accumulation, torch.compile, exact resume, exact evaluation (of the EMA weights too), and the
+run's logs (console lines with ETA and GPU memory, JSONL, TensorBoard, a PNG of the curves).
 
 Outputs of a run, all under ``train.out_dir``: ``config.yaml``, ``metrics.jsonl`` (one record
-per log interval and per evaluation), ``last.pt`` (the latest checkpoint), ``summary.json``,
-``curves.png``, and with ``train.log_ids`` one ``ids-rank<r>.jsonl`` per rank.
+per log interval and per evaluation), ``last.pt`` (the latest checkpoint), ``best.pt`` (highest
+val top-1), ``epochNNNN.pt`` (the last ``train.keep_last`` epochs), ``tb/`` (TensorBoard),
+``summary.json``, ``curves.png``, and with ``train.log_ids`` one ``ids-rank<r>.jsonl`` per rank.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import itertools
 import json
 import math
 import os
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer import checkpoint as ckpt
+from trainer.augment import DeviceAugment
 from trainer.config import Config, ConfigError, ModelConfig, require_data_source, save_config
 from trainer.data import (
     DeviceLoader,
@@ -29,6 +32,14 @@ from trainer.data import (
     describe_skipped,
     gather_skipped,
     pack_classes,
+)
+from trainer.logs import (
+    Interval,
+    RunLogs,
+    format_eta,
+    gpu_memory_gib,
+    ids_digest,
+    plot_curves,
 )
 from trainer.recipe import (
     BatchMixer,
@@ -209,74 +220,6 @@ def val_summary(res: dict) -> str:
     return line + (f"; EMA top-1 {res['ema_top1']:.2f}%" if "ema_top1" in res else "")
 
 
-def ids_digest(ids: torch.Tensor) -> str:
-    """A short hash of a batch's sample ids, to compare data order between runs."""
-    return hashlib.sha1(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
-
-
-class JsonlLog:
-    """Append-only JSONL, flushed per record; on resume, records past the checkpoint are cut."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is None:
-            path.unlink(missing_ok=True)
-        elif path.exists():
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, path)
-        self.f = open(path, "a", buffering=1)
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def plot_curves(metrics_path: Path, out: Path) -> Path | None:
-    """PNG of train loss, lr, throughput and data-wait fraction per step, and val top-1/top-5."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    recs = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    tr = [r for r in recs if r.get("kind") == "train"]
-    va = [r for r in recs if r.get("kind") == "val"]
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
-    steps = [r["step"] for r in tr]
-    ax[0, 0].plot(steps, [r["loss"] for r in tr])
-    ax[0, 0].set(title="train loss", xlabel="step")
-    ax[0, 1].plot(steps, [r["lr"] for r in tr])
-    ax[0, 1].set(title="learning rate", xlabel="step")
-    if va:
-        ep = [r["epoch"] + 1 for r in va]
-        ax[1, 0].plot(ep, [r["top1"] for r in va], marker="o", label="top-1")
-        ax[1, 0].plot(ep, [r["top5"] for r in va], marker="o", label="top-5")
-        if "ema_top1" in va[0]:
-            ax[1, 0].plot(ep, [r["ema_top1"] for r in va], marker="x", label="EMA top-1")
-        ax[1, 0].legend()
-    ax[1, 0].set(title="validation accuracy (%)", xlabel="epoch")
-    ax[1, 1].plot(steps, [r["images_per_s"] for r in tr], color="C0")
-    ax[1, 1].set(title="throughput and data wait", xlabel="step", ylabel="images/s")
-    tw = ax[1, 1].twinx()
-    tw.plot(steps, [100 * r["data_wait_frac"] for r in tr], color="C3")
-    tw.set_ylabel("data wait (%)", color="C3")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 # --- training ----------------------------------------------------------------------------------
 
 
@@ -287,76 +230,78 @@ class Trainer:
         self.cfg = cfg
         self.d = d
         self.out = Path(cfg.train.out_dir)
-        tc = cfg.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        torch.manual_seed(tc.seed + d.rank)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed + d.rank)
         self.num_classes = resolve_num_classes(cfg)
+        self._build_model()
+        self._build_data()
+        self._build_recipe()
+        self.epoch = 0
+        self.step_in_epoch = 0  # optimizer steps
+        self.global_step = 0
+        self.cursor = self.train_loader.state_dict()
+        self.start_time = time.time()
+        self.last_val: dict = {}
+        self.best_top1: float | None = None
 
-        model = prepare_model(build_model(cfg.model, self.num_classes), cfg, d)
-        self.model = model
+    def _build_model(self) -> None:
+        cfg, d = self.cfg, self.d
+        self.model = prepare_model(build_model(cfg.model, self.num_classes), cfg, d)
         self.ddp = (
             nn.parallel.DistributedDataParallel(
-                model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+                self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
             if d.enabled
-            else model
+            else self.model
         )
+        # torch.compile compiles the training forward (through DDP); evaluation runs the eager
+        # module, whose weights are the same tensors.
+        self.forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
 
-        self.train_loader = build_loader(
-            cfg.data,
-            train=True,
-            rank=d.rank,
-            world_size=d.world_size,
-            seed=tc.seed,
-            device=d.device,
-        )
-        self.val_loader = build_loader(
-            cfg.data,
-            train=False,
-            rank=d.rank,
-            world_size=d.world_size,
-            seed=tc.seed,
-            device=d.device,
-        )
-        self.steps_per_epoch = len(self.train_loader)
+    def _build_data(self) -> None:
+        cfg, d, tc = self.cfg, self.d, self.cfg.train
+        common = {"rank": d.rank, "world_size": d.world_size, "seed": tc.seed, "device": d.device}
+        self.train_loader = build_loader(cfg.data, train=True, **common)
+        self.val_loader = build_loader(cfg.data, train=False, **common)
+        self.accum = tc.accum_steps
+        self.steps_per_epoch = len(self.train_loader) // self.accum  # optimizer steps
         if self.steps_per_epoch < 1:
             raise ConfigError(
-                "the train split yields no full batch per rank; lower data.batch_size"
+                f"the train split yields fewer than train.accum_steps={self.accum} full batches "
+                "per rank; lower data.batch_size or train.accum_steps"
             )
-        mixer = BatchMixer(cfg.augment, self.num_classes, seed=tc.seed)
         self.train_batches = DeviceLoader(
             self.train_loader,
             d.device,
             cfg.data.mean,
             cfg.data.std,
             channels_last=tc.channels_last,
-            mixer=mixer,
+            mixer=BatchMixer(cfg.augment, self.num_classes, seed=tc.seed),
+            augment=DeviceAugment(cfg.augment, seed=tc.seed),
             rank=d.rank,
         )
         self.val_batches = DeviceLoader(
             self.val_loader, d.device, cfg.data.mean, cfg.data.std, channels_last=tc.channels_last
         )
 
-        self.global_batch = cfg.data.batch_size * d.world_size
+    def _build_recipe(self) -> None:
+        cfg, d, tc = self.cfg, self.d, self.cfg.train
+        self.global_batch = cfg.data.batch_size * d.world_size * self.accum
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
-        self.optimizer = build_optimizer(model, cfg.optim, self.peak_lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
         self.schedule = LRSchedule.from_config(
             cfg.optim, self.peak_lr, self.steps_per_epoch, tc.epochs
         )
         self.scheduler = Scheduler(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=tc.amp == "fp16")
-        self.ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.ema = ModelEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         groups = self.optimizer.param_groups
         self.eshift_params = [p for g in groups if g.get("eshift") for p in g["params"]]
         self.all_params = [p for g in groups for p in g["params"]]
-
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-        self.cursor = self.train_loader.state_dict()
-        self.start_time = time.time()
-        self.last_val: dict = {}
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        if tc.max_steps:
+            self.total_steps = min(self.total_steps, tc.max_steps)
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -377,20 +322,32 @@ class Trainer:
             },
             "world_size": self.d.world_size,
             "last_val": self.last_val,
+            "best_top1": self.best_top1,
         }
 
-    def save(self) -> None:
-        """Gather every rank's RNG state and loader cursor; rank 0 writes ``last.pt``."""
+    def save(self, epoch_end: bool = False) -> None:
+        """Gather every rank's RNG state and loader cursor; rank 0 writes ``last.pt``, and at
+        an epoch end ``best.pt`` (when val top-1 improved) and the last ``keep_last`` epochs."""
         mine = {"rng": ckpt.rng_state(self.d.device), "loader": self.cursor}
         ranks = [None] * self.d.world_size
         if self.d.enabled:
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
-        if self.d.main:
-            state = self.state_dict()
-            state["ranks"] = ranks
-            ckpt.save_atomic(state, self.out / ckpt.LAST)
+        if not self.d.main:
+            return
+        top1 = self.last_val.get("top1") if epoch_end else None
+        improved = top1 is not None and (self.best_top1 is None or top1 > self.best_top1)
+        if improved:
+            self.best_top1 = top1
+        state = self.state_dict()
+        state["ranks"] = ranks
+        ckpt.save_atomic(state, self.out / ckpt.LAST)
+        if improved:
+            ckpt.save_atomic(state, self.out / ckpt.BEST)
+        if epoch_end and self.cfg.train.keep_last:
+            ckpt.save_atomic(state, self.out / ckpt.epoch_name(self.epoch))
+            ckpt.prune_epochs(self.out, self.cfg.train.keep_last)
 
     def load(self, path: Path) -> None:
         state = ckpt.load(path)
@@ -405,17 +362,29 @@ class Trainer:
         self.epoch, self.step_in_epoch = p["epoch"], p["step_in_epoch"]
         self.global_step = p["global_step"]
         self.last_val = state.get("last_val") or {}
+        self.best_top1 = state.get("best_top1")
         at_epoch_end = self.step_in_epoch >= p["steps_per_epoch"]  # saved after the eval
-        ranks = state["ranks"]
+        self._restore_position(state, path, at_epoch_end)
+        if at_epoch_end:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        diff = _config_diff(state["config"], self.cfg.to_dict())
+        if diff:
+            _say(self.d, f"resume: config differs from the checkpoint's in {', '.join(diff)}")
+        _say(self.d, f"resumed from {path}: epoch {self.epoch}, step {self.global_step}")
+
+    def _restore_position(self, state: dict, path: Path, at_epoch_end: bool) -> None:
+        """The loader cursor and RNG state of this rank, or the schedule's place when the
+        epoch length changed (another world size, batch size or accumulation)."""
+        p, ranks = state["progress"], state["ranks"]
         same_world = len(ranks) == self.d.world_size
         if p["steps_per_epoch"] != self.steps_per_epoch:
-            # Another world or batch size: the schedule's steps change length. Only an epoch
-            # boundary maps onto the new run without replaying or skipping samples.
+            # Only an epoch boundary maps onto the new run without replaying or skipping samples.
             if not at_epoch_end:
                 raise ConfigError(
                     f"{path} was taken mid-epoch with {p['steps_per_epoch']} steps per epoch; "
-                    f"this run has {self.steps_per_epoch}. Resume it with the same world size "
-                    "and data.batch_size, or from an epoch-end checkpoint."
+                    f"this run has {self.steps_per_epoch}. Resume it with the same world size, "
+                    "data.batch_size and train.accum_steps, or from an epoch-end checkpoint."
                 )
             self.global_step = (self.epoch + 1) * self.steps_per_epoch
             self.scheduler.load_state_dict({"last_step": self.global_step})
@@ -430,40 +399,49 @@ class Trainer:
             self.cursor = mine["loader"]
         if same_world:
             ckpt.set_rng_state(ranks[self.d.rank]["rng"], self.d.device)
-        if at_epoch_end:
-            self.epoch += 1
-            self.step_in_epoch = 0
-        diff = _config_diff(state["config"], self.cfg.to_dict())
-        if diff:
-            _say(self.d, f"resume: config differs from the checkpoint's in {', '.join(diff)}")
-        _say(self.d, f"resumed from {path}: epoch {self.epoch}, step {self.global_step}")
 
-    # --- the loop ------------------------------------------------------------------------------
+    # --- one optimizer step --------------------------------------------------------------------
 
-    def train_step(self, batch) -> torch.Tensor:
+    def train_step(self, micro: list) -> torch.Tensor:
+        """Forward and backward over ``micro`` (``accum_steps`` batches; DDP syncs gradients
+        on the last only), then one optimizer step. Returns the mean loss (on the device)."""
         cfg = self.cfg
-        with autocast(self.d.device, cfg.train.amp):
-            logits = self.ddp(batch.images)
-            loss = classification_loss(
-                logits, batch.labels, cfg.augment.label_smoothing, cfg.augment.label_smoothing_mode
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        o = cfg.optim
-        if o.grad_centralization or o.eshift_l2 or o.clip_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            if o.grad_centralization:
-                centralize_gradients_(self.optimizer.param_groups)
-            if o.eshift_l2:
-                eshifted_l2_(self.eshift_params, o.eshift_l2, o.eshift_eps)
-            if o.clip_grad_norm:
-                nn.utils.clip_grad_norm_(self.all_params, o.clip_grad_norm)
+        total = torch.zeros((), device=self.d.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not self.d.enabled else self.ddp.no_sync()
+            with sync:
+                with autocast(self.d.device, cfg.train.amp):
+                    logits = self.forward(batch.images)
+                    loss = classification_loss(
+                        logits,
+                        batch.labels,
+                        cfg.augment.label_smoothing,
+                        cfg.augment.label_smoothing_mode,
+                    )
+                self.scaler.scale(loss / len(micro)).backward()
+            total += loss.detach().float()
+        self._gradient_tricks()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss.detach()
+        return total / len(micro)
+
+    def _gradient_tricks(self) -> None:
+        """GC (of g + wd * w), the e-shifted L2 and clipping, on unscaled gradients."""
+        o = self.cfg.optim
+        if not (o.grad_centralization or o.eshift_l2 or o.clip_grad_norm):
+            return
+        self.scaler.unscale_(self.optimizer)
+        if o.grad_centralization:
+            centralize_gradients_(self.optimizer.param_groups)
+        if o.eshift_l2:
+            eshifted_l2_(self.eshift_params, o.eshift_l2, o.eshift_eps)
+        if o.clip_grad_norm:
+            nn.utils.clip_grad_norm_(self.all_params, o.clip_grad_norm)
 
     def run_eval(self) -> dict:
         broadcast_state(self.model, self.d)
@@ -474,7 +452,7 @@ class Trainer:
             res.update({"ema_top1": e["top1"], "ema_top5": e["top5"], "ema_loss": e["loss"]})
         return res
 
-    def _report_train_skipped(self, log) -> None:
+    def _report_train_skipped(self, log: RunLogs) -> None:
         """End of an epoch: the train records skipped as corrupt, logged and kept (a
         collective: every rank calls it)."""
         skipped = gather_skipped(self.train_loader, self.d.world_size)
@@ -482,14 +460,31 @@ class Trainer:
         if not skipped:
             return
         _say(self.d, f"epoch {self.epoch + 1} train: {describe_skipped(skipped)}")
-        if log is not None:
-            log.write(
-                {"kind": "skipped", "split": "train", "epoch": self.epoch, "records": skipped}
-            )
+        log.write({"kind": "skipped", "split": "train", "epoch": self.epoch, "records": skipped})
+
+    # --- the loop ------------------------------------------------------------------------------
 
     def fit(self, resume: Path | None = None) -> dict:
-        """Train to ``train.epochs`` (from ``resume`` if given); returns the final summary."""
-        cfg, d, tc = self.cfg, self.d, self.cfg.train
+        """Train to ``train.epochs`` or ``train.max_steps`` (from ``resume`` if given); returns
+        the final summary."""
+        logs = self._start(resume)
+        self.interval = Interval(self.d.device)
+        self.totals = {"wait": 0.0, "time": 0.0, "images": 0}
+        try:
+            while self.epoch < self.cfg.train.epochs and not self._reached_max_steps():
+                self._train_epoch(logs)
+                if self._reached_max_steps():
+                    break  # a smoke run or benchmark: no evaluation
+                self._end_epoch(logs)
+        finally:
+            logs.close()
+            self.train_loader.close()
+            self.val_loader.close()
+        return self._finish()
+
+    def _start(self, resume: Path | None) -> RunLogs:
+        """Prepare the run folder, load ``resume``, open the logs and say what runs."""
+        cfg, d = self.cfg, self.d
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.out)
@@ -500,125 +495,127 @@ class Trainer:
             _say(
                 d,
                 f"note: {self.out} holds a checkpoint of an earlier run; this fresh run "
-                "replaces it (use --resume to continue it instead)",
+                "replaces it (without --fresh, a run continues from it)",
             )
-        resume_step = self.global_step if resume is not None else None
-        log = JsonlLog(self.out / "metrics.jsonl", resume_step) if d.main else None
-        ids_log = None
-        if tc.log_ids:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ids_log = JsonlLog(self.out / f"ids-rank{d.rank}.jsonl", resume_step)
+        logs = RunLogs(
+            self.out,
+            main=d.main,
+            rank=d.rank,
+            resume_step=self.global_step if resume is not None else None,
+            ids=cfg.train.log_ids,
+            tb=cfg.train.tensorboard,
+        )
         _say(
             d,
             f"training {cfg.model.name} ({self.num_classes} classes) on {d.world_size} "
             f"rank(s), {d.device.type}; {self.steps_per_epoch} steps/epoch, global batch "
-            f"{self.global_batch}, peak lr {self.peak_lr:.4g}",
+            f"{self.global_batch} ({self.accum} micro-batch(es) per step), peak lr "
+            f"{self.peak_lr:.4g}" + (", torch.compile" if cfg.train.compile else ""),
         )
+        return logs
 
-        waited = 0.0
-        loss_sum = torch.zeros((), device=d.device)
-        n_steps = 0
-        t_log = time.perf_counter()
-        totals = {"wait": 0.0, "time": 0.0, "images": 0}
-        try:
-            while self.epoch < tc.epochs:
-                self.ddp.train()
-                self.train_loader.set_epoch(self.epoch)
-                it = self.train_batches.batches(self.epoch, self.step_in_epoch)
-                while True:
-                    t0 = time.perf_counter()
-                    batch = next(it, None)
-                    waited += time.perf_counter() - t0
-                    if batch is None:
-                        break
-                    loss = self.train_step(batch)
-                    self.cursor = batch.cursor
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    loss_sum += loss.float()
-                    n_steps += 1
-                    if ids_log is not None:
-                        ids_log.write(
-                            {
-                                "step": self.global_step,
-                                "epoch": self.epoch,
-                                "index": self.step_in_epoch - 1,
-                                "ids": ids_digest(batch.ids),
-                                "loss": float(loss),
-                            }
-                        )
-                    end_of_epoch = self.step_in_epoch >= self.steps_per_epoch
-                    if self.global_step % tc.log_interval == 0 or end_of_epoch:
-                        rec = self._log_interval(loss_sum, n_steps, waited, t_log, totals)
-                        if log is not None:
-                            log.write(rec)
-                        loss_sum.zero_()
-                        n_steps, waited, t_log = 0, 0.0, time.perf_counter()
-                    if (
-                        tc.ckpt_interval
-                        and self.global_step % tc.ckpt_interval == 0
-                        and not end_of_epoch
-                    ):
-                        self.save()
-                # End of the epoch: evaluate, then checkpoint (so a resume never skips an eval).
-                if (self.epoch + 1) % tc.eval_interval == 0 or self.epoch + 1 == tc.epochs:
-                    res = self.run_eval()
-                    self.last_val = {"epoch": self.epoch, **res}
-                    rec = {"kind": "val", "epoch": self.epoch, "step": self.global_step, **res}
-                    if log is not None:
-                        log.write(rec)
-                    _say(d, f"epoch {self.epoch + 1}/{tc.epochs} {val_summary(res)}")
-                self._report_train_skipped(log)
-                self.step_in_epoch = self.steps_per_epoch
+    def _reached_max_steps(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
+
+    def _train_epoch(self, logs: RunLogs) -> None:
+        """The optimizer steps left in this epoch; each takes ``accum_steps`` batches."""
+        self.ddp.train()
+        self.train_loader.set_epoch(self.epoch)
+        it = self.train_batches.batches(self.epoch, self.step_in_epoch * self.accum)
+        while self.step_in_epoch < self.steps_per_epoch:
+            t0 = time.perf_counter()
+            micro = list(itertools.islice(it, self.accum))
+            self.interval.waited += time.perf_counter() - t0
+            if len(micro) < self.accum:
+                break
+            loss = self.train_step(micro)
+            self.cursor = micro[-1].cursor
+            self.global_step += 1
+            self.step_in_epoch += 1
+            self._after_step(micro, loss, logs)
+            if self._reached_max_steps():
                 self.save()
-                self.epoch += 1
-                self.step_in_epoch = 0
-                # Eval and checkpoint time count neither as training time nor as data wait.
-                waited, t_log = 0.0, time.perf_counter()
-        finally:
-            if log is not None:
-                log.close()
-            if ids_log is not None:
-                ids_log.close()
-            self.train_loader.close()
-            self.val_loader.close()
+                return
+        for _ in it:  # batches past the last full accumulation group are not trained
+            pass
 
+    def _after_step(self, micro: list, loss: torch.Tensor, logs: RunLogs) -> None:
+        tc = self.cfg.train
+        self.interval.loss_sum += loss
+        self.interval.steps += 1
+        if logs.ids is not None:
+            ids = torch.cat([b.ids for b in micro])
+            logs.ids.write(
+                {
+                    "step": self.global_step,
+                    "epoch": self.epoch,
+                    "index": self.step_in_epoch - 1,
+                    "ids": ids_digest(ids),
+                    "loss": float(loss),
+                }
+            )
+        end_of_epoch = self.step_in_epoch >= self.steps_per_epoch
+        if self.global_step % tc.log_interval == 0 or end_of_epoch or self._reached_max_steps():
+            logs.write(self._log_interval())
+            self.interval.reset()
+        if tc.ckpt_interval and self.global_step % tc.ckpt_interval == 0 and not end_of_epoch:
+            self.save()
+
+    def _end_epoch(self, logs: RunLogs) -> None:
+        """Evaluate when due, report skipped train records, then checkpoint (so a resume never
+        skips an eval)."""
+        tc = self.cfg.train
+        if (self.epoch + 1) % tc.eval_interval == 0 or self.epoch + 1 == tc.epochs:
+            res = self.run_eval()
+            self.last_val = {"epoch": self.epoch, **res}
+            logs.write({"kind": "val", "epoch": self.epoch, "step": self.global_step, **res})
+            _say(self.d, f"epoch {self.epoch + 1}/{tc.epochs} {val_summary(res)}")
+        self._report_train_skipped(logs)
+        self.step_in_epoch = self.steps_per_epoch
+        self.save(epoch_end=True)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        # Eval and checkpoint time count neither as training time nor as data wait.
+        self.interval.reset()
+
+    def _finish(self) -> dict:
+        totals = self.totals
         summary = {
             "final": self.last_val,
+            "best_top1": self.best_top1,
             "steps": self.global_step,
             "images_per_s": totals["images"] / max(totals["time"], 1e-9),
             "data_wait_frac": totals["wait"] / max(totals["time"], 1e-9),
             "wall_s": time.time() - self.start_time,
-            "world_size": d.world_size,
+            "world_size": self.d.world_size,
+            "gpu_mem_gib": gpu_memory_gib(self.d.device),
             "skipped": {
                 "train": getattr(self, "train_skipped", []),
                 "val": (self.last_val or {}).get("skipped_records", []),
             },
         }
-        if d.main:
+        if self.d.main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            if tc.plot:
+            if self.cfg.train.plot:
                 png = plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
                 if png:
-                    _say(d, f"wrote {png}")
+                    _say(self.d, f"wrote {png}")
         return summary
 
-    def _log_interval(self, loss_sum, n_steps, waited, t_log, totals) -> dict:
-        d = self.d
-        dt = time.perf_counter() - t_log
+    def _log_interval(self) -> dict:
+        d, iv = self.d, self.interval
+        dt = time.perf_counter() - iv.t0
         # One small all-reduce per interval: mean loss and the slowest rank's wait.
-        stats = torch.stack(
-            [loss_sum.detach().float(), torch.tensor(float(n_steps), device=d.device)]
-        )
+        stats = torch.stack([iv.loss_sum.float(), torch.tensor(float(iv.steps), device=d.device)])
         all_reduce_sum(stats, d)
-        wait = torch.tensor([waited], device=d.device)
+        wait = torch.tensor([iv.waited], device=d.device)
         if d.enabled:
             dist.all_reduce(wait, op=dist.ReduceOp.MAX)
         loss = (stats[0] / stats[1].clamp(min=1)).item()
-        images = n_steps * self.global_batch
-        totals["wait"] += wait.item()
-        totals["time"] += dt
-        totals["images"] += images
+        images = iv.steps * self.global_batch
+        self.totals["wait"] += wait.item()
+        self.totals["time"] += dt
+        self.totals["images"] += images
         rec = {
             "kind": "train",
             "epoch": self.epoch,
@@ -628,18 +625,27 @@ class Trainer:
             "images_per_s": images / max(dt, 1e-9),
             # unclamped: a figure above 1 would be a measuring bug, and the tests look for it
             "data_wait_frac": wait.item() / max(dt, 1e-9),
+            "eta_s": (self.total_steps - self.global_step) * dt / max(iv.steps, 1),
             "time": time.time() - self.start_time,
         }
+        mem = gpu_memory_gib(d.device)
+        if mem is not None:
+            rec["gpu_mem_gib"] = mem
         if not math.isfinite(loss):
             _say(d, f"warning: non-finite loss at step {self.global_step}")
-        _say(
-            d,
-            f"epoch {self.epoch + 1} step {self.global_step} "
-            f"({self.step_in_epoch}/{self.steps_per_epoch}) loss {loss:.4f} "
-            f"lr {rec['lr']:.4g} {rec['images_per_s']:.0f} img/s "
-            f"data-wait {100 * rec['data_wait_frac']:.1f}%",
-        )
+        _say(d, self._log_line(rec))
         return rec
+
+    def _log_line(self, rec: dict) -> str:
+        line = (
+            f"epoch {self.epoch + 1} step {self.global_step} "
+            f"({self.step_in_epoch}/{self.steps_per_epoch}) loss {rec['loss']:.4f} "
+            f"lr {rec['lr']:.4g} {rec['images_per_s']:.0f} img/s "
+            f"data-wait {100 * rec['data_wait_frac']:.1f}% eta {format_eta(rec['eta_s'])}"
+        )
+        if "gpu_mem_gib" in rec:
+            line += f" mem {rec['gpu_mem_gib']:.1f}G"
+        return line
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -4,6 +4,13 @@ e-shifted L2).
 
 Everything stochastic here is a pure function of ``(seed, epoch, step, rank)``, so a run resumed
 from a checkpoint draws the same mixes as the run that was interrupted.
+
+Why these are ours and not timm's or torchvision's: timm's Mixup/CutMix and random erasing draw
+from the global RNG, so a resumed run would mix differently (ours are keyed by the batch);
+its schedulers are equivalent to ``LRSchedule`` but step per epoch or per update by mode, where
+the seeds warm up per iteration; ``ModelEMA`` matches timm's ModelEmaV3 (floating state lerped,
+integer buffers copied). Weight standardization stays ours (``models/layers.py``): timm's
+StdConv2d divides by sqrt(biased var + 1e-6), PytorchInsight by (unbiased std + 1e-5).
 """
 
 from __future__ import annotations
@@ -458,15 +465,11 @@ def cutmix_(
 
 
 def cutout_(images: torch.Tensor, size: int, rng: np.random.Generator) -> None:
-    """Zero one ``size``×``size`` square per image, centred uniformly, clipped at the borders
-    (DeVries & Taylor 2017). Zero in normalized space is the mean colour."""
-    n, _, h, w = images.shape
-    cy = torch.from_numpy(rng.integers(0, h, n)).to(images.device).view(n, 1, 1, 1)
-    cx = torch.from_numpy(rng.integers(0, w, n)).to(images.device).view(n, 1, 1, 1)
-    ys = torch.arange(h, device=images.device).view(1, 1, h, 1)
-    xs = torch.arange(w, device=images.device).view(1, 1, 1, w)
-    half = size // 2
-    inside = (
-        (ys >= cy - half) & (ys < cy - half + size) & (xs >= cx - half) & (xs < cx - half + size)
-    )
-    images.masked_fill_(inside, 0.0)
+    """Seed 002's cutout: zero one ``size``×``size`` square at the same place in every image of
+    the batch, centred uniformly and clipped at the borders (PytorchInsight's ``cutout_data``).
+    Zero in normalized space is the mean colour."""
+    h, w = images.shape[-2:]
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y1, y2 = max(cy - size // 2, 0), min(cy + size // 2, h)
+    x1, x2 = max(cx - size // 2, 0), min(cx + size // 2, w)
+    images[:, :, y1:y2, x1:x2] = 0.0
