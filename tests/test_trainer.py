@@ -876,6 +876,16 @@ def test_cli_rejects_bad_override():
 
 # --- end to end on real data: torchrun, two gloo ranks -----------------------------------------
 
+# The torchrun tests run digits with every device augmentation on (so learning and exact resume
+# are checked with them), for 8 epochs instead of the config's 6.
+DIGITS_AUGMENTED = [
+    "train.epochs=8",
+    "augment.color_jitter=[0.4,0.4,0.4]",
+    "augment.rotation=10",
+    "augment.random_erasing=0.25",
+    "augment.erasing_area=[0.02,0.1]",  # an 8x8 digit loses little more than a stroke
+    "augment.cutout=6",  # seed 002's one square per batch, of 32 px images
+]
 DIGITS_STEPS = 176  # 8 epochs x 22 steps (1437 train images, 2 ranks x 32)
 DIGITS_GLOBAL_BATCH = 64  # 2 ranks x data.batch_size 32 (configs/digits.yaml)
 
@@ -958,7 +968,7 @@ def digits_server(digits_pack):
 def uninterrupted(digits_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "uninterrupted"
     t = time.perf_counter()
-    stdout = _run(_torchrun(out, digits_server.endpoint))
+    stdout = _run(_torchrun(out, digits_server.endpoint, *DIGITS_AUGMENTED))
     return out, stdout, time.perf_counter() - t
 
 
@@ -989,7 +999,12 @@ def test_torchrun_gloo_trains_digits(uninterrupted, digits_server):
     assert (out / "curves.png").stat().st_size > 10_000
     assert load_config(out / "config.yaml") == load_config(
         CONFIGS / "digits.yaml",
-        [*_served(digits_server.endpoint), f"train.out_dir={out}", "train.log_ids=true"],
+        [
+            *_served(digits_server.endpoint),
+            f"train.out_dir={out}",
+            "train.log_ids=true",
+            *DIGITS_AUGMENTED,
+        ],
     )
     assert len(_ids(out)) == 2 * DIGITS_STEPS
     print(
@@ -1043,7 +1058,7 @@ def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_server, t
     out = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
     p = subprocess.Popen(
-        _torchrun(out, digits_server.endpoint),
+        _torchrun(out, digits_server.endpoint, *DIGITS_AUGMENTED),
         cwd=ROOT,
         env=_env(),
         stdout=log,
@@ -1067,7 +1082,7 @@ def test_kill9_then_resume_matches_uninterrupted(uninterrupted, digits_server, t
     assert 0 < state["global_step"] < killed_at <= DIGITS_STEPS
     assert 0 < state["step_in_epoch"] < state["steps_per_epoch"]  # taken mid-epoch
 
-    stdout = _run(_torchrun(out, digits_server.endpoint, resume=True))
+    stdout = _run(_torchrun(out, digits_server.endpoint, *DIGITS_AUGMENTED, resume=True))
     assert f"step {state['global_step']}" in stdout  # "resumed from ...: epoch E, step S"
 
     a, b = _ids(ref), _ids(out)
