@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,11 @@ def test_bench_io_writes_storage_tables_and_json(clean_pack, tmp_path):
     """`datasvc bench --io` on a tiny pack: the pack mirrored to TFRecord and exported as files,
     each read warm and cold; the cold epochs really started cold (mincore < 10%)."""
     out, png = tmp_path / "io.json", tmp_path / "io.png"
-    cmd = [sys.executable, "-m", "datasvc.cli", "bench", "--io", str(clean_pack)]
+    # Its own copy: pages that another process of this session has mapped (the shared pack's LMDB
+    # environments stay open in the test process) cannot be dropped, so it could never be cold.
+    pack = tmp_path / "pack"
+    shutil.copytree(clean_pack, pack)
+    cmd = [sys.executable, "-m", "datasvc.cli", "bench", "--io", str(pack)]
     cmd += ["--repeats", "1", "--batch-size", "8", "--image-size", "32", "--workers", "1"]
     cmd += ["--read-ahead-methods", "fadvise,thread", "--json", str(out), "--plot", str(png)]
     env = {**os.environ, "DATASVC_CACHE": str(tmp_path / "cache")}
