@@ -790,6 +790,18 @@ def test_serve_refuses_to_start(case, curve_keys, clean_pack):
     assert tree_state(curve_keys) == before
 
 
+@pytest.mark.parametrize(
+    "bind, words",
+    [("tcp://127.0.0.1:99999", ["99999", "no valid port"]),
+     ("tcp://127.0.0.1", ["no valid port", "none"]),
+     ("foo", ["foo", "not a ZeroMQ endpoint"])],
+)  # fmt: skip
+def test_serve_bad_bind_is_a_usage_error(bind, words, clean_pack):
+    """An endpoint that cannot be bound as written is refused, not bound somewhere else."""
+    r = datasvc("serve", clean_pack, "--bind", bind, timeout=5)
+    assert_one_line_error(r, "datasvc serve", *words, code=2)
+
+
 def test_serve_port_in_use(clean_pack):
     import socket
 

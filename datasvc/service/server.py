@@ -146,20 +146,29 @@ def check_curve(secret: str | None, allow: str | None, allow_any: bool) -> None:
 
 
 def check_bind(bind: str) -> None:
-    """A tcp port already in use, found before any process starts."""
+    """An endpoint that is not one, a port out of range or already in use: found before any
+    process starts (libzmq would quietly bind port 99999 as some other port)."""
     import errno
     import socket
     from urllib.parse import urlparse
 
+    if bind.startswith(("ipc://", "inproc://")):
+        return
     if not bind.startswith("tcp://"):
-        return
+        raise UsageError(
+            f"--bind {bind} is not a ZeroMQ endpoint", "give tcp://HOST:PORT or ipc://PATH"
+        )
     u = urlparse(bind)
-    try:
-        port = u.port
-    except ValueError:
-        return  # a wildcard port, '*': ZeroMQ picks a free one
-    if not port:
-        return
+    _, colon, port_text = u.netloc.rpartition(":")
+    port_text = port_text if colon and not port_text.endswith("]") else ""  # [::1] has no port
+    if port_text in ("*", "0"):
+        return  # a wildcard port: ZeroMQ picks a free one
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(
+            f"--bind {bind} has no valid port ({port_text or 'none'})",
+            "give a port from 1 to 65535, or * for a free one",
+        )
+    port = int(port_text)
     host = u.hostname or ""
     host = "" if host in ("*", "0.0.0.0") else host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
