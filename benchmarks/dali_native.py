@@ -12,10 +12,11 @@ the sample id), which is why it is not a backend; the loaders table shows it bes
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.loaders import time_epochs
 
 
 def native_pipeline(tfrecord_pack, split: str, batch_size: int, image_size: int, threads: int):
@@ -80,28 +81,13 @@ def bench_dali_native(tfrecord_pack, a, workers: int, epochs: int, warmup: int, 
         )
     except (ImportError, RuntimeError) as e:
         return {"status": "unavailable", "reason": str(e).splitlines()[0]}
-    rates, mems, cpu, n = [], [], [], 0
-    try:
-        with monitor:
-            for epoch in range(warmup + epochs):
-                c0, t0, n = monitor.cpu_seconds(), time.perf_counter(), 0
-                for _ in range(per_epoch):
-                    images, labels = pipe.run()
-                    batch = torch.from_numpy(np.array(images.as_tensor())).permute(0, 3, 1, 2)
-                    n += len(batch)
-                dt = time.perf_counter() - t0
-                used = monitor.cpu_seconds() - c0
-                mems.append(round(monitor.memory_mb(), 1))
-                if epoch >= warmup:
-                    rates.append(n / dt)
-                    cpu.append(used / dt / workers)
-    finally:
-        del pipe
-    return {
-        "status": "ok",
-        "rates": rates,
-        "cpu": cpu,
-        "peak_mb": monitor.peak_mb,
-        "memory_mb_per_epoch": mems,
-        "epoch_images": n,
-    }
+
+    def one_epoch(epoch: int) -> int:
+        n = 0
+        for _ in range(per_epoch):
+            images, labels = pipe.run()
+            batch = torch.from_numpy(np.array(images.as_tensor())).permute(0, 3, 1, 2)
+            n += len(batch)
+        return n
+
+    return time_epochs(one_epoch, monitor, workers, epochs, warmup)  # pipe freed on return

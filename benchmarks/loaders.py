@@ -179,28 +179,39 @@ def bench_backend(
         )
     except (ImportError, RuntimeError, KeyError) as e:
         return {"status": "unavailable", "reason": str(e).splitlines()[0]}
+
+    def one_epoch(epoch: int) -> int:
+        return sum(len(batch.ids) for batch in loader)
+
     mon = TreeMonitor(exclude=exclude)  # this process and its children (workers, a server)
-    rates, mems, cpu = [], [], []
     try:
-        with mon:
-            for epoch in range(warmup + epochs):
-                loader.set_epoch(epoch)
-                c0, t0, n = mon.cpu_seconds(), time.perf_counter(), 0
-                for batch in loader:
-                    n += len(batch.ids)
-                dt = time.perf_counter() - t0
-                used = mon.cpu_seconds() - c0
-                mems.append(round(mon.memory_mb(), 1))
-                if epoch >= warmup:
-                    rates.append(n / dt)
-                    cpu.append(used / dt / workers)
+        return time_epochs(one_epoch, mon, workers, epochs, warmup, loader.set_epoch)
     finally:
         loader.close()
+
+
+def time_epochs(one_epoch, monitor, workers: int, epochs: int, warmup: int, set_epoch=None) -> dict:
+    """``warmup`` untimed epochs, then ``epochs`` timed ones of ``one_epoch(epoch) -> images``:
+    images/s and CPU use per worker of each timed epoch, and memory after every epoch.
+    ``set_epoch(epoch)``, if given, runs before each epoch's clock starts."""
+    rates, mems, cpu, n = [], [], [], 0
+    with monitor:
+        for epoch in range(warmup + epochs):
+            if set_epoch is not None:
+                set_epoch(epoch)
+            c0, t0 = monitor.cpu_seconds(), time.perf_counter()
+            n = one_epoch(epoch)
+            dt = time.perf_counter() - t0
+            used = monitor.cpu_seconds() - c0
+            mems.append(round(monitor.memory_mb(), 1))
+            if epoch >= warmup:
+                rates.append(n / dt)
+                cpu.append(used / dt / workers)
     return {
         "status": "ok",
         "rates": rates,
         "cpu": cpu,
-        "peak_mb": mon.peak_mb,
+        "peak_mb": monitor.peak_mb,
         "memory_mb_per_epoch": mems,
         "epoch_images": n,
     }
