@@ -72,3 +72,17 @@ def standardize_convs(model: nn.Module) -> nn.Module:
         if type(module) is nn.Conv2d:
             module.__class__ = WSConv2d  # same attributes and parameters, standardized forward
     return model
+
+
+def init_conv_bn_linear(model: nn.Module) -> None:
+    """The reference init of the seeds' MobileNetV1 and ShuffleNetV1: He normal (fan out) convs,
+    BN at 1 and 0, the classifier N(0, 0.01) with a zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer.models import register_model
-from trainer.models.layers import standardize_convs
+from trainer.models.layers import init_conv_bn_linear, standardize_convs
 from trainer.models.library import timm_model
 
 # (output channels, stride) of the 13 depthwise-separable layers of MobileNetV1.
@@ -72,15 +72,7 @@ class MobileNetV1(nn.Module):
         self.dropout = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
         self.num_features = in_ch
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.blocks(self.stem(x))).flatten(1)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from trainer.models import register_model
-from trainer.models.layers import standardize_convs
+from trainer.models.layers import init_conv_bn_linear, standardize_convs
 from trainer.models.library import torchvision_model
 
 # Output channels of stages 2-4 of ShuffleNetV1 1.0x per group count (the paper's Table 1).
@@ -86,12 +86,7 @@ class ShuffleNetV1(nn.Module):
         self.dropout = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
         self.num_features = in_ch
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.maxpool(self.conv1(x)))
