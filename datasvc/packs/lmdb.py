@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from pathlib import Path
 
 import google_crc32c
@@ -115,6 +116,17 @@ class LMDBShardWriter:
 # parent's handle, so a child closes what it inherited and opens its own.
 _ENVS: dict[tuple, tuple[int, lmdb.Environment, lmdb.Transaction]] = {}
 _DAMAGED: dict[tuple, str] = {}  # shard files found shorter than their structure, and why
+# A second lmdb.open of an environment this process has open fails ("already open"), so two
+# thread-engine workers meeting a shard for the first time at once must not both open it.
+_OPENING = threading.Lock()
+
+
+def _new_opening_lock() -> None:
+    global _OPENING
+    _OPENING = threading.Lock()  # a fork while another thread held it must not deadlock the child
+
+
+os.register_at_fork(after_in_child=_new_opening_lock)
 
 
 class DamagedShardError(CorruptSampleError):
@@ -161,6 +173,14 @@ def _read_txn(path: Path) -> lmdb.Transaction:
     entry = _ENVS.get(key)
     if entry is not None and entry[0] == os.getpid():
         return entry[2]
+    with _OPENING:  # threads of one process: only one may open a shard's environment
+        return _open_txn(key, real)
+
+
+def _open_txn(key: tuple, real: str) -> lmdb.Transaction:
+    entry = _ENVS.get(key)
+    if entry is not None and entry[0] == os.getpid():
+        return entry[2]  # another thread opened it while this one waited
     if entry is not None:  # inherited through fork: drop it without touching the parent's
         try:
             entry[2].abort()
