@@ -334,11 +334,9 @@ class CustomLoader(Loader):
             return
         self._start()
         end = len(self.sampler)
-        epoch = self.sampler.epoch
         free = [k for k in range(self.slots) if k not in self._held]
-        slot_of: dict[int, int] = {}
-        ids_of: dict[int, np.ndarray] = {}
-        ready: dict[int, object] = {}
+        slot_of: dict[int, int] = {}  # batch index -> the slot its task writes
+        ready: dict[int, object] = {}  # results that came back before their turn
         next_b = start
         ra = self._read_ahead(start, end)
         try:
@@ -346,49 +344,53 @@ class CustomLoader(Loader):
                 free += self._released()
                 if ra is not None:
                     ra.fill()  # before the tasks go out: the kernel reads while workers wait
-                while free and next_b < end:
-                    slot = free.pop()
-                    ids = self.sampler.batch(next_b)
-                    self._tasks.put((slot, epoch, next_b, ids))
-                    slot_of[next_b], ids_of[next_b] = slot, ids
-                    next_b += 1
+                next_b = self._submit(free, slot_of, next_b, end)
                 while want not in ready:
                     b, *result = self._get_result()
                     ready[b] = result
                     if ra is not None:
                         ra.done(b)
-                err, ids, skipped = ready.pop(want)
-                slot = slot_of.pop(want)
-                del ids_of[want]
-                if err is not None:
-                    free.append(slot)
-                    kind, what = err
-                    raise (
-                        CorruptRecordError.from_entry(what)
-                        if kind == "corrupt"
-                        else RuntimeError(what)
-                    )
-                self.ledger.add(skipped)
-                # Hand the slot itself out while the consumer leaves enough slots for the
-                # workers; it comes back once the consumer drops every view of it.
-                if not self.pin_memory and len(self._held) < self.slots - self.num_workers:
-                    self._held.add(slot)
-                    yield self._lend(slot, len(ids), ids)
-                else:
-                    batch = self._copy_out(slot, len(ids), ids)
-                    free.append(slot)
-                    yield batch
+                yield self._deliver(slot_of.pop(want), free, *ready.pop(want))
         finally:
             if ra is not None:
                 ra.close()
-            # Wait for batches still being built so no slot is written after we reuse it.
-            for _ in range(len(slot_of) - len(ready)):
-                if not self._procs:  # the pool is gone (a worker died): nothing to wait for
-                    break
-                try:
-                    self._get_result()
-                except (RuntimeError, TimeoutError):
-                    break
+            self._wait_for_builds(len(slot_of) - len(ready))
+
+    def _submit(self, free: list[int], slot_of: dict[int, int], next_b: int, end: int) -> int:
+        """Send a task for every free slot, in batch order; returns the next batch to send."""
+        epoch = self.sampler.epoch
+        while free and next_b < end:
+            slot = free.pop()
+            self._tasks.put((slot, epoch, next_b, self.sampler.batch(next_b)))
+            slot_of[next_b] = slot
+            next_b += 1
+        return next_b
+
+    def _deliver(self, slot: int, free: list[int], err, ids, skipped):
+        """The finished batch in ``slot``, lent or copied out; a worker's error raised here."""
+        if err is not None:
+            free.append(slot)
+            kind, what = err
+            raise CorruptRecordError.from_entry(what) if kind == "corrupt" else RuntimeError(what)
+        self.ledger.add(skipped)
+        # Hand the slot itself out while the consumer leaves enough slots for the
+        # workers; it comes back once the consumer drops every view of it.
+        if not self.pin_memory and len(self._held) < self.slots - self.num_workers:
+            self._held.add(slot)
+            return self._lend(slot, len(ids), ids)
+        batch = self._copy_out(slot, len(ids), ids)
+        free.append(slot)
+        return batch
+
+    def _wait_for_builds(self, outstanding: int) -> None:
+        """Wait for batches still being built so no slot is written after we reuse it."""
+        for _ in range(outstanding):
+            if not self._procs:  # the pool is gone (a worker died): nothing to wait for
+                break
+            try:
+                self._get_result()
+            except (RuntimeError, TimeoutError):
+                break
 
     def _read_ahead(self, start: int, end: int):
         """The read-ahead window over this epoch's listing (None when turned off)."""

@@ -63,7 +63,6 @@ def build_pipeline(
     dali = import_dali()
     fn, types = dali.fn, dali.types
     decoder_device = "mixed" if device == "gpu" else "cpu"
-    s = cfg.image_size
 
     @dali.pipeline_def(
         batch_size=batch_size,
@@ -78,38 +77,47 @@ def build_pipeline(
         jpegs, labels, ids, *crop = fn.external_source(
             source=source, num_outputs=len(dtypes), batch=True, batch_info=True, dtype=dtypes
         )
-        if cfg.train:
-            anchors, shapes, flips = crop
-            images = fn.decoders.image_slice(
-                jpegs,
-                anchors,
-                shapes,
-                device=decoder_device,
-                output_type=types.RGB,
-                normalized_anchor=False,
-                normalized_shape=False,
-                axis_names="WH",
-            )
-            images = fn.resize(
-                images, resize_x=s, resize_y=s, antialias=True, interp_type=types.INTERP_LINEAR
-            )
-            images = fn.flip(images, horizontal=flips)
-        else:
-            # Sizes and crop offsets exactly as torchvision's Resize + CenterCrop compute them.
-            sizes, anchors = crop
-            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
-            images = fn.resize(images, size=sizes, antialias=True, interp_type=types.INTERP_LINEAR)
-            images = fn.slice(
-                images,
-                anchors,
-                np.array([s, s], np.float32),
-                axis_names="WH",
-                normalized_anchor=False,
-                normalized_shape=False,
-            )
+        graph = _train_images if cfg.train else _eval_images
+        images = graph(dali, jpegs, crop, decoder_device, cfg.image_size)
         return images, labels, ids
 
     return pipe()
+
+
+def _train_images(dali, jpegs, crop, decoder_device: str, size: int):
+    """Train graph: decode only the crop (ROI decode), resize it to ``size``, flip."""
+    fn, types = dali.fn, dali.types
+    anchors, shapes, flips = crop
+    images = fn.decoders.image_slice(
+        jpegs,
+        anchors,
+        shapes,
+        device=decoder_device,
+        output_type=types.RGB,
+        normalized_anchor=False,
+        normalized_shape=False,
+        axis_names="WH",
+    )
+    images = fn.resize(
+        images, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR
+    )
+    return fn.flip(images, horizontal=flips)
+
+
+def _eval_images(dali, jpegs, crop, decoder_device: str, size: int):
+    """Eval graph: sizes and crop offsets exactly as torchvision's Resize + CenterCrop compute."""
+    fn, types = dali.fn, dali.types
+    sizes, anchors = crop
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    images = fn.resize(images, size=sizes, antialias=True, interp_type=types.INTERP_LINEAR)
+    return fn.slice(
+        images,
+        anchors,
+        np.array([size, size], np.float32),
+        axis_names="WH",
+        normalized_anchor=False,
+        normalized_shape=False,
+    )
 
 
 def dali_inputs(cfg: TransformConfig, jpegs: list, labels, ids, geometry: list) -> tuple:
