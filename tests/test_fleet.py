@@ -270,3 +270,40 @@ def test_prometheus_metrics_and_status_table(small_pack, capsys):
     assert lines[0].split()[:3] == ["endpoint", "state", "uptime"]
     assert lines[1].split()[:2] == [server.endpoint, "up"] and lines[1].split()[6] == "128"
     assert lines[2].split()[:2] == ["tcp://127.0.0.1:1", "down"]
+
+
+def test_per_builder_metrics_from_the_endpoint(small_pack):
+    """Per-builder gauges, labelled by builder index only: busy seconds adding up to the
+    global figure, a killed builder's restart counted on its own index, nothing in flight at
+    rest."""
+    pytest.importorskip("prometheus_client")
+    import os
+    import signal
+
+    port = free_port()
+    extra = ["--metrics-port", str(port), "--metrics-addr", "127.0.0.1"]
+    with LocalServer([small_pack], workers=2, extra=extra) as server:
+        assert len(rank_ids(server.endpoint, 0, 4)) == 128
+        victim = server.raw_stats()["builder_pids"][1]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = server.raw_stats()
+            if st["builder_restarts"] == 1 and victim not in st["builder_pids"]:
+                if None not in st["builder_pids"]:
+                    break
+            time.sleep(0.1)
+        assert len(rank_ids(server.endpoint, 1, 4)) == 128  # the replacement serves too
+        m = scrape(port)
+    per = {k[1]: v for k, v in m.items() if k[0] == "datasvc_per_builder_restarts_total"}
+    assert per == {(("builder", "0"),): 0, (("builder", "1"),): 1}
+    busy = [v for k, v in m.items() if k[0] == "datasvc_per_builder_busy_seconds_total"]
+    assert len(busy) == 2 and sum(busy) == pytest.approx(
+        m[("datasvc_builder_busy_seconds_total", ())]
+    )
+    fractions = [v for k, v in m.items() if k[0] == "datasvc_per_builder_busy_fraction"]
+    assert len(fractions) == 2 and all(0 <= f <= 1 for f in fractions) and sum(fractions) > 0
+    in_flight = [v for k, v in m.items() if k[0] == "datasvc_per_builder_tasks_in_flight"]
+    assert in_flight == [0, 0]
+    listings = [v for k, v in m.items() if k[0] == "datasvc_per_builder_listings"]
+    assert len(listings) == 2 and max(listings) >= 1

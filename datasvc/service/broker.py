@@ -76,6 +76,14 @@ class Stats:
     deaths: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_DEATHS)
     )
+    # per builder index (fixed-length lists: the metrics thread reads them while we write)
+    builders: int = 1
+    busy_s_by_builder: list = field(init=False)
+    restarts_by_builder: list = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.busy_s_by_builder = [0.0] * self.builders
+        self.restarts_by_builder = [0] * self.builders
 
     def as_dict(self, builders: int) -> dict:
         up = max(1e-9, time.time() - self.started)
@@ -173,7 +181,7 @@ class Broker:
         # memory is used only as far as batches reach).
         self.slot_bytes = c.limits.max_batch_mb << 20
         self.sizes, self.classes, self.digests = _pack_sizes(c.packs)
-        self.stats = Stats()
+        self.stats = Stats(builders=c.builders)
         self.endpoint = None
         self._stop = False  # stop now (a second SIGTERM, or SIGINT twice)
         self._draining = False  # finish what is in flight, refuse new work, then stop
@@ -469,6 +477,7 @@ class Broker:
         """Replace the builder; its task goes back to the front of the queue, or fails once
         ``MAX_BUILD_DEATHS`` builders have died on it."""
         self.stats.restarts += 1
+        self.stats.restarts_by_builder[builder] += 1
         self.stats.deaths.append({"builder": builder, "pid": pid, "cause": cause, "t": time.time()})
         if builder in self._idle:
             self._idle.remove(builder)
@@ -589,6 +598,7 @@ class Broker:
             self.stats.images += header["n"]
             self.stats.bytes += size
             self.stats.busy_s += header.get("busy_s", 0.0)
+            self.stats.busy_s_by_builder[task.builder] += header.get("busy_s", 0.0)
             self.stats.corrupt_skipped += len(header.get("skipped") or ())
             cs.batches += 1
             cs.images += header["n"]
@@ -644,6 +654,12 @@ class Broker:
     def queue_depth(self) -> int:
         """Requests queued, not yet given to a builder (read by the metrics thread)."""
         return self._queue.queued
+
+    def tasks_in_flight(self) -> list[int]:
+        """Per builder index, the tasks it is building now (0 or 1; read by the metrics
+        thread)."""
+        holding = self._holding
+        return [int(i in holding) for i in range(self.config.builders)]
 
     def _check_allowed(self, frame) -> None:
         """A client whose key was revoked (SIGHUP) is refused even on an open connection."""

@@ -1,7 +1,8 @@
 """Prometheus metrics of a running ``datasvc serve`` (``--metrics-port``), read from the
 broker's counters when scraped, so serving pays nothing for them.
 
-Label sets are bounded: ``outcome`` takes one of ``OUTCOMES``; ``client`` names at most
+Label sets are bounded: ``outcome`` takes one of ``OUTCOMES``; ``builder`` is a builder's
+index (0 to ``--workers`` - 1: a replacement takes over its index); ``client`` names at most
 ``MAX_CLIENT_SERIES`` clients (those that received most images), the rest summed as ``other``.
 Needs ``prometheus_client`` (the ``metrics`` extra).
 """
@@ -53,7 +54,7 @@ class LatencyHistogram:
 
 class BrokerCollector:
     """Yields the broker's metrics at scrape time. ``broker`` needs ``stats`` (a ``Stats``),
-    ``queue_depth()`` and ``config.builders``."""
+    ``queue_depth()``, ``tasks_in_flight()`` and ``config.builders``."""
 
     def __init__(self, broker):
         self.broker = broker
@@ -93,7 +94,41 @@ class BrokerCollector:
         )
         h.add_metric([], st.latency.cumulative(), sum_value=st.latency.sum)
         yield h
+        yield from self._builders(b, up, CounterMetricFamily, GaugeMetricFamily)
         yield from self._clients(st, CounterMetricFamily)
+
+    @staticmethod
+    def _builders(b, up: float, CounterMetricFamily, GaugeMetricFamily):
+        """The same figures per builder index (``datasvc_per_builder_*{builder="i"}``)."""
+        st = b.stats
+        busy = CounterMetricFamily(
+            "datasvc_per_builder_busy_seconds", "Seconds spent building", labels=["builder"]
+        )
+        fraction = GaugeMetricFamily(
+            "datasvc_per_builder_busy_fraction",
+            "Busy time over uptime, since start",
+            labels=["builder"],
+        )
+        restarts = CounterMetricFamily(
+            "datasvc_per_builder_restarts", "Times replaced after dying", labels=["builder"]
+        )
+        in_flight = GaugeMetricFamily(
+            "datasvc_per_builder_tasks_in_flight", "Tasks being built now", labels=["builder"]
+        )
+        listings = GaugeMetricFamily(
+            "datasvc_per_builder_listings",
+            "Epoch listings its current process has computed",
+            labels=["builder"],
+        )
+        computed = dict(st.listings)  # a copy: the broker adds keys as builders report
+        for i, n in enumerate(b.tasks_in_flight()):
+            label = [str(i)]
+            busy.add_metric(label, st.busy_s_by_builder[i])
+            fraction.add_metric(label, st.busy_s_by_builder[i] / up)
+            restarts.add_metric(label, st.restarts_by_builder[i])
+            in_flight.add_metric(label, n)
+            listings.add_metric(label, computed.get(i, 0))
+        yield from (busy, fraction, restarts, in_flight, listings)
 
     def _clients(self, st, CounterMetricFamily):
         images = CounterMetricFamily(
