@@ -120,3 +120,26 @@ def test_bench_io_writes_storage_tables_and_json(clean_pack, tmp_path):
     assert rows["lmdb", "warm"]["rounds"][0]["mb_per_s"] > 0
     assert "| lmdb | cold |" in r.stdout and "| tfrecord | fadvise |" in r.stdout
     assert png.stat().st_size > 1000
+
+
+def test_compare_takes_ratios_within_each_round():
+    """benchmarks.compare: after/before per backend and the within-tree ratios, round by round."""
+    from benchmarks.compare import round_row, summarize
+
+    def report(custom, torch, limit):
+        ok = [{"backend": "custom", "status": "ok", "images_per_s": custom}]
+        ok += [{"backend": "torch", "status": "ok", "images_per_s": torch}]
+        ok += [{"backend": "dali_cpu", "status": "unavailable", "reason": "not installed"}]
+        return {"results": ok, "decode_limit": {"images_per_s": limit}}
+
+    rows = [
+        round_row(report(100, 50, 200), report(120, 40, 200)),
+        round_row(report(10, 5, 20), report(9, 5, 20)),  # a slow round: ratios, not rates
+        round_row(report(100, 25, 100), report(100, 25, 100)),
+    ]
+    assert rows[0]["after_over_before"] == {"custom": 1.2, "torch": 0.8, "decode_limit": 1.0}
+    assert rows[0]["after"] == {"custom/decode_limit": 0.6, "custom/torch": 3.0}
+    assert "custom/dali_cpu" not in rows[0]["before"]  # an unavailable backend gives no ratio
+    med = summarize(rows)
+    assert med["after_over_before"]["custom"] == 1.0  # median of 1.2, 0.9, 1.0
+    assert med["before"]["custom/torch"] == 2.0 and med["after"]["custom/torch"] == 3.0
