@@ -49,7 +49,9 @@ class _Walk:
 
     def first_visit(self, path: str, seen: set, rel: str) -> bool:
         st = os.stat(path)
-        ident = (st.st_dev, st.st_ino)
+        return self.first_seen((st.st_dev, st.st_ino), seen, rel)
+
+    def first_seen(self, ident: tuple[int, int], seen: set, rel: str) -> bool:
         if ident in seen:
             self.repeats.append(rel)
             return False
@@ -74,15 +76,20 @@ def _walk_class(root: Path, cls: str, label: int, walk: _Walk, candidates, ignor
         ]
         entries.append((dirpath, files))
     for dirpath, files in sorted(entries):
+        folder = os.path.relpath(dirpath, root)  # once per folder: relpath costs two abspaths
         for fname in sorted(files):
             path = os.path.join(dirpath, fname)
-            rel = os.path.relpath(path, root)
+            rel = f"{folder}/{fname}"
             if not is_image_name(fname):
                 ignored.append(rel)
-            elif os.path.exists(path) and walk.first_visit(path, walk.files, rel):
-                candidates.append(Candidate(rel, label))
-            elif not os.path.exists(path):
+                continue
+            try:
+                st = os.stat(path)  # follows links, as ImageFolder does
+            except FileNotFoundError:
                 ignored.append(rel)  # a dangling link
+                continue
+            if walk.first_seen((st.st_dev, st.st_ino), walk.files, rel):
+                candidates.append(Candidate(rel, label))
 
 
 def list_imagefolder(root: Path, classes: list[str], name: str) -> SplitListing:
