@@ -152,20 +152,25 @@ def listings(pack: Path, rounds: int = 5, images: int = 25_600, batch_size: int 
 # --- the shaped link --------------------------------------------------------------------------
 
 
-def _link_round(link, endpoint, pack, decode, epochs, batch_size, num_workers) -> dict:
+def _link_round(link, server, pack, decode, epochs, batch_size, num_workers) -> dict:
+    """One client run over the link; with the server's CPU seconds (broker and builders) per
+    image it served meanwhile and the client's (its timed batches)."""
     import subprocess
 
     cmd = [
-        sys.executable, "-m", "benchmarks.link_client", endpoint, "--pack", pack,
+        sys.executable, "-m", "benchmarks.link_client", server.endpoint, "--pack", pack,
         "--decode", decode, "--batch-size", str(batch_size), "--epochs", str(epochs),
-        "--num-workers", str(num_workers),
+        "--num-workers", str(num_workers), "--no-digests",
     ]  # fmt: skip
+    cpu0 = process_tree_cpu(server.pid)
     proc = link.popen(link.client_ns, cmd, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=600)
+    server_cpu = process_tree_cpu(server.pid) - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"link client failed:\n{out[-2000:]}")
     got = json.loads(out.strip().splitlines()[-1])
-    return {k: got[k] for k in ("images", "seconds", "images_per_s", "bytes_per_image")}
+    keys = ("images", "seconds", "images_per_s", "bytes_per_image", "client_cpu_s_per_image")
+    return {**{k: got[k] for k in keys}, "server_cpu_s_per_image": server_cpu / got["images_total"]}
 
 
 def link_bench(
@@ -186,9 +191,7 @@ def link_bench(
         with server:
             for _ in range(rounds):
                 for mode in results:
-                    results[mode].append(
-                        _link_round(link, server.endpoint, pack.name, mode, epochs, 32, 2)
-                    )
+                    results[mode].append(_link_round(link, server, pack.name, mode, epochs, 32, 2))
     out = {"rate": rate, "rate_bytes_per_s": rate_bytes, "rounds": rounds}
     for mode, runs in results.items():
         ips = statistics.median(r["images_per_s"] for r in runs)
@@ -198,12 +201,37 @@ def link_bench(
             "bytes_per_image": round(bpi),
             "link_capacity_images_per_s": round(rate_bytes / bpi, 1),
             "fraction_of_capacity": round(ips / (rate_bytes / bpi), 3),
+            # where the cores went: CPU seconds per image on each host (median of rounds)
+            "server_cpu_ms_per_image": _median_ms(runs, "server_cpu_s_per_image"),
+            "client_cpu_ms_per_image": _median_ms(runs, "client_cpu_s_per_image"),
         }
+        for host in ("server", "client"):  # cores kept busy at that rate
+            ms = out[mode][f"{host}_cpu_ms_per_image"]
+            out[mode][f"{host}_cores_busy"] = round(ips * ms / 1e3, 2)
     if "client" in out and "server" in out:
         out["bytes_ratio_client_over_server"] = round(
             out["client"]["bytes_per_image"] / out["server"]["bytes_per_image"], 3
         )
     return out
+
+
+def link_table(result: dict) -> str:
+    """The link result as a table: rate, share of the link, and where the CPU went."""
+    cols = ("images_per_s", "link_capacity_images_per_s", "fraction_of_capacity",
+            "bytes_per_image", "server_cpu_ms_per_image", "client_cpu_ms_per_image",
+            "server_cores_busy", "client_cores_busy")  # fmt: skip
+    rows = [("mode", "img/s", "capacity", "fraction", "B/img", "server ms/img",
+             "client ms/img", "server cores", "client cores")]  # fmt: skip
+    for mode in ("server", "client"):
+        if mode in result:
+            rows.append((mode, *(str(result[mode][c]) for c in cols)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return f"link {result['rate']}, median of {result['rounds']} rounds\n" + "\n".join(lines)
+
+
+def _median_ms(runs: list[dict], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs) * 1e3, 3)
 
 
 def _rate_bytes(rate: str) -> float:
@@ -300,7 +328,7 @@ def load_run(
                 for r in range(world)
             ]
             while time.monotonic() - t0 < seconds:
-                memory.append(_server_memory([s.pid for s in live]))
+                memory.append((time.monotonic() - t0, _server_memory([s.pid for s in live])))
                 time.sleep(1.0)
             stop.set()
             ranks = [f.result() for f in futures]
@@ -318,12 +346,6 @@ def _load_summary(ranks, memory, server_stats, n, world, batch_size, seconds) ->
         duplicates += len(ids) - len(set(ids))
         if all(e in r["finished"] for r in ranks):
             complete.append(len(set(ids)) == per_epoch)
-    window = max(1, len(memory) // 6)  # first and last sixth of the run (10 s of 60)
-
-    def mean_mb(rows, kinds):
-        return statistics.mean(sum(r[k] for k in kinds) for r in rows) / 2**20
-
-    first, last = memory[1 : 1 + window], memory[-window:]  # after the first second
     p50 = [float(np.percentile(r["waits"], 50)) for r in ranks if r["waits"]]
     p99 = [float(np.percentile(r["waits"], 99)) for r in ranks if r["waits"]]
     images = sum(len(r["waits"]) + 1 for r in ranks) * batch_size
@@ -338,18 +360,45 @@ def _load_summary(ranks, memory, server_stats, n, world, batch_size, seconds) ->
         "duplicates": duplicates,
         "complete_epochs": len(complete),
         "complete_epochs_exact": all(complete),
-        "server_memory_mb_first_last": {
-            name: [round(mean_mb(first, kinds), 1), round(mean_mb(last, kinds), 1)]
-            for name, kinds in (("anon", ["anon"]), ("rss", ["anon", "file", "shmem"]))
-        },
-        "server_anon_mb_every_10s": [
-            round(r["anon"] / 2**20, 1) for r in memory[:: max(1, len(memory) // 6)]
-        ],
-        "server_anon_last_over_first": round(mean_mb(last, ["anon"]) / mean_mb(first, ["anon"]), 4),
+        "server_memory": memory_summary(memory, seconds),
         "data_wait_ms_p50_median_rank": round(statistics.median(p50) * 1e3, 2),
         "data_wait_ms_p99_median_rank": round(statistics.median(p99) * 1e3, 2),
         "data_wait_ms_p99_worst_rank": round(max(p99) * 1e3, 2),
     }
+
+
+def _mean_mb(samples, lo: float, hi: float, kinds=("anon",)) -> float | None:
+    rows = [m for t, m in samples if lo <= t < hi]
+    return (
+        round(statistics.mean(sum(r[k] for k in kinds) for r in rows) / 2**20, 2) if rows else None
+    )
+
+
+def memory_summary(samples, seconds: float, warmup_s: float = 10.0, window_s: float = 10.0):
+    """The servers' heaps (RssAnon of both process trees, MB, sampled every second at ``t`` s
+    from the ranks' start), compared two ways: the first window after ``warmup_s`` (start-up:
+    imports, the pack opened, first batches) against the last window; and, for runs of two
+    minutes or more, the first minute against the last (the issue's "first and last minute
+    within 5%"; the first minute includes start-up)."""
+    end = seconds
+    first = _mean_mb(samples, warmup_s, warmup_s + window_s)
+    last = _mean_mb(samples, end - window_s, end + 1)
+    out = {
+        "kind": "RssAnon (heaps), both servers' process trees",
+        "anon_mb_every_10s": [round(m["anon"] / 2**20, 1) for t, m in samples[::10]],
+        "rss_mb_first_last_window": [
+            _mean_mb(samples, warmup_s, warmup_s + window_s, ("anon", "file", "shmem")),
+            _mean_mb(samples, end - window_s, end + 1, ("anon", "file", "shmem")),
+        ],
+        f"anon_mb_{window_s:g}s_window_after_{warmup_s:g}s_warmup": first,
+        f"anon_mb_last_{window_s:g}s_window": last,
+        "last_window_over_first_after_warmup": round(last / first, 4) if first and last else None,
+    }
+    if seconds >= 120:
+        first_min, last_min = _mean_mb(samples, 0, 60), _mean_mb(samples, end - 60, end + 1)
+        out["anon_mb_first_minute"], out["anon_mb_last_minute"] = first_min, last_min
+        out["last_minute_over_first_minute"] = round(last_min / first_min, 4)
+    return out
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -388,6 +437,8 @@ def main(argv=None) -> int:
         result = load_run(a.pack, seconds=a.seconds, step_ms=a.step_ms)
     text = json.dumps(result, indent=1)
     print(text)
+    if a.cmd == "link":
+        print(link_table(result), file=sys.stderr)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(text + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -31,13 +32,26 @@ class ListingCache:
     epoch (and, around a boundary or an eval, one or two others), so a few listings suffice
     and older epochs do not pile up while a server runs for days. ``computed`` counts the
     listings made, so a test or a metric can tell a shared listing from a recomputed one.
+
+    ``max_idle_s`` (a server's builders set it) also drops a listing no one has asked for in
+    that long, so a long-running process holds the epochs in use now, not the last
+    ``max_listings`` of them: its memory reaches its steady state after one epoch, not four.
     """
 
-    def __init__(self, max_bytes: int = 64 << 20, max_listings: int = 4):
+    def __init__(
+        self,
+        max_bytes: int = 64 << 20,
+        max_listings: int = 4,
+        max_idle_s: float | None = None,
+        clock=time.monotonic,
+    ):
         self.max_bytes = int(max_bytes)
         self.max_listings = int(max_listings)
+        self.max_idle_s = max_idle_s
+        self.clock = clock
         self.computed = 0
         self._orders: collections.OrderedDict = collections.OrderedDict()
+        self._used: dict = {}  # key → when last asked for
         self._bytes = 0
         # Held while computing, so two thread builders asking at once compute one listing.
         self._lock = threading.Lock()
@@ -45,9 +59,12 @@ class ListingCache:
     def order(self, num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
         key = (int(num_samples), int(seed), int(epoch), bool(shuffle))
         with self._lock:
+            now = self.clock()
+            self._used[key] = now
             order = self._orders.get(key)
             if order is not None:
                 self._orders.move_to_end(key)
+                self._drop_idle(now)
                 return order
             order = epoch_order(*key)
             order.setflags(write=False)
@@ -58,9 +75,24 @@ class ListingCache:
             while len(self._orders) > 1 and (
                 self._bytes > self.max_bytes or len(self._orders) > self.max_listings
             ):
-                _, old = self._orders.popitem(last=False)
-                self._bytes -= old.nbytes
+                self._drop_oldest()
+            self._drop_idle(now)
             return order
+
+    def _drop_oldest(self) -> None:
+        old_key, old = self._orders.popitem(last=False)
+        self._used.pop(old_key, None)
+        self._bytes -= old.nbytes
+
+    def _drop_idle(self, now: float) -> None:
+        """Least recently used first: drop while the oldest is idle past ``max_idle_s``."""
+        if self.max_idle_s is None:
+            return
+        while len(self._orders) > 1:
+            oldest = next(iter(self._orders))
+            if now - self._used[oldest] <= self.max_idle_s:
+                return
+            self._drop_oldest()
 
     def __len__(self) -> int:
         return len(self._orders)
@@ -72,6 +104,7 @@ class ListingCache:
     def clear(self) -> None:
         with self._lock:
             self._orders.clear()
+            self._used.clear()
             self._bytes = 0
 
 

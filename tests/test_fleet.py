@@ -307,3 +307,25 @@ def test_per_builder_metrics_from_the_endpoint(small_pack):
     assert in_flight == [0, 0]
     listings = [v for k, v in m.items() if k[0] == "datasvc_per_builder_listings"]
     assert len(listings) == 2 and max(listings) >= 1
+
+
+def test_load_benchmark_memory_windows():
+    """The load run's memory report: the start-up ramp is left out of the window comparison,
+    and a two-minute run also compares its first minute with its last."""
+    from benchmarks.fleet import memory_summary
+
+    mb = 2**20
+
+    def sample(t):  # 100 MB at start, 150 MB once started (after 5 s), +1 MB a minute after
+        anon = 100 * mb if t < 5 else 150 * mb + int(t / 60 * mb)
+        return (float(t), {"anon": anon, "file": 10 * mb, "shmem": mb})
+
+    short = memory_summary([sample(t) for t in range(60)], 60)
+    assert short["anon_mb_10s_window_after_10s_warmup"] == pytest.approx(150.24, abs=0.01)
+    assert short["anon_mb_last_10s_window"] == pytest.approx(150.91, abs=0.01)
+    assert short["last_window_over_first_after_warmup"] == pytest.approx(1.0045, abs=1e-4)
+    assert "last_minute_over_first_minute" not in short
+    long = memory_summary([sample(t) for t in range(120)], 120)
+    assert long["anon_mb_first_minute"] == pytest.approx(146.32, abs=0.01)  # with start-up
+    assert long["anon_mb_last_minute"] == pytest.approx(151.49, abs=0.01)
+    assert long["last_minute_over_first_minute"] == pytest.approx(151.49 / 146.32, abs=1e-4)

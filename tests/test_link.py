@@ -3,7 +3,6 @@ joined by a veth pair shaped to 1 Gbit/s; faults by taking the link down."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 import pytest
 
 from benchmarks import netns
+from benchmarks.link_client import image_digest
 from datasvc.loaders import create_loader
 from datasvc.service.local import LocalServer
 
@@ -55,10 +55,7 @@ def reference_digests(pack, image_size, seed):
         engine="thread",
     )  # fmt: skip
     with loader:
-        return [
-            (b.ids.tolist(), hashlib.sha256(b.images.contiguous().numpy().tobytes()).hexdigest())
-            for b in loader
-        ]
+        return [(b.ids.tolist(), image_digest(b.images)) for b in loader]
 
 
 def finish(proc, timeout=120) -> dict:

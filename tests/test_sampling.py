@@ -127,3 +127,26 @@ def test_listing_cache_memory_is_bounded():
     for epoch in range(10):
         by_count.order(100, 0, epoch, True)
     assert len(by_count) == 2 and by_count.nbytes == 2 * 8 * 100
+
+
+def test_listing_cache_drops_idle_listings():
+    """With ``max_idle_s``, a listing no one asked for in that long goes (least recently used
+    first), the newest stays, and one still in use is kept however old its epoch."""
+    from datasvc.sampling import ListingCache
+
+    now = [0.0]
+    cache = ListingCache(max_listings=4, max_idle_s=10.0, clock=lambda: now[0])
+    cache.order(1000, 0, 0, True)
+    now[0] = 5.0
+    cache.order(1000, 0, 1, True)
+    now[0] = 12.0
+    cache.order(1000, 0, 1, True)  # epoch 0 unused for 12 s: dropped
+    assert len(cache) == 1 and cache.nbytes == 8 * 1000 and cache.computed == 2
+    for t in (20.0, 29.0, 38.0):  # epoch 5 read every 9 s: kept while newer epochs come and go
+        now[0] = t
+        cache.order(1000, 0, 5, True)
+        cache.order(1000, 0, int(t), True)
+    assert len(cache) == 3 and cache.computed == 6  # epoch 5 and the two newest
+    now[0] = 100.0  # everything idle: the newest is kept
+    cache.order(1000, 0, 5, True)
+    assert len(cache) == 1 and cache.computed == 6

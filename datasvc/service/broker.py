@@ -22,6 +22,7 @@ from pathlib import Path
 import msgpack
 
 from datasvc.errors import UserError
+from datasvc.memory import trim_heap
 from datasvc.service.auth import allowed_keys, is_loopback, load_keypair
 from datasvc.service.builders import (
     DONE,
@@ -54,6 +55,7 @@ UNREAD_REPLIES = 2  # a client with this many replies not taken by the network i
 MAX_BUILD_DEATHS = 3  # builders that died holding one request: then it fails (no crash loop)
 RECENT_DEATHS = 10  # builder deaths listed in stats
 DRAIN_LINGER_S = 0.5  # a draining server answers "draining" at least this long before exiting
+HEAP_TRIM_S = 5.0  # free heap memory (batch copies sent) goes back to the kernel this often
 
 
 @dataclass
@@ -114,7 +116,10 @@ class Task:
     number: int
     client: bytes
     request_id: int | None
-    frame: object  # the request frame as received (zmq.Frame)
+    # The request's bytes, copied out of the received frame: a frame held while the task waits
+    # would pin the connection's receive buffer (libzmq decodes small messages as references
+    # into a shared 8 KB buffer), so the heap would grow with the queue's deepest moment.
+    frame: bytes
     builder: int | None = None
     slot: int | None = None
     deaths: int = 0  # builders that died while building it
@@ -363,6 +368,7 @@ class Broker:
         if self.pool.supervised:
             poller.register(self.pool.fileno(), zmq.POLLIN)
         last_log, last_images = time.time(), 0
+        last_trim = time.monotonic()
         drain_logged = False
         while not self._stop:
             if self._draining:
@@ -391,6 +397,9 @@ class Broker:
             if self.config.log_interval and now - last_log >= self.config.log_interval:
                 self._log_stats((self.stats.images - last_images) / (now - last_log))
                 last_log, last_images = now, self.stats.images
+            if time.monotonic() - last_trim >= HEAP_TRIM_S:
+                trim_heap()  # resident memory stays at what is in use, not the highest burst
+                last_trim = time.monotonic()
 
     def _begin_drain(self) -> None:
         self._withdraw()
@@ -510,7 +519,7 @@ class Broker:
     @staticmethod
     def _describe(task: Task) -> str:
         """The batch a task asks for, in words (the request was validated, so it parses)."""
-        _, req = parse_request([task.frame.bytes])
+        _, req = parse_request([task.frame])
         return (
             f"batch {req.batch} of {req.pack}/{req.split} (epoch {req.epoch}, rank {req.rank}"
             f"/{req.world_size}, seed {req.seed}, batch size {req.batch_size})"
@@ -633,7 +642,7 @@ class Broker:
                 cs.busy += 1
                 self._refuse(client, cs, error_header(rid, "busy", refusal))
                 return
-            self._enqueue(client, rid, frames[1])
+            self._enqueue(client, rid, frames[1].bytes)
         except ProtocolError as e:
             self.stats.errors += 1
             self.stats.outcomes[outcome_label(e.code)] += 1

@@ -40,6 +40,7 @@ import numpy as np
 
 from datasvc.corrupt import CorruptRecordError
 from datasvc.packs.readahead import AheadOfRequests
+from datasvc.sampling import ListingCache
 from datasvc.service.protocol import BatchRequest, error_header, pack_header, parse_request
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ TASK = b"TASK"
 STOP = b"STOP"
 READY = b"READY"
 DONE = b"DONE"
+# A builder drops an epoch listing no request has read for this long (recomputing one costs
+# ~50 ms for ImageNet): it holds the epochs being read, so its memory is steady from the
+# second epoch on instead of growing until four listings are kept.
+LISTING_IDLE_S = 10.0
+#: The epoch listings of this process's builders (thread builders share it).
+BUILDER_LISTINGS = ListingCache(max_idle_s=LISTING_IDLE_S)
 
 
 def builder_identity(index: int) -> bytes:
@@ -61,9 +68,9 @@ def builder_index(identity: bytes) -> int:
 
 class Listings:
     """Request → its rank's ``EpochSampler`` over the process's shared epoch listings
-    (``datasvc.sampling.LISTINGS``): a sampler costs nothing to make, and the listing it
-    slices is computed once per (split size, seed, epoch, shuffle) whatever the number of
-    ranks, world sizes or batch sizes asking."""
+    (``BUILDER_LISTINGS`` in a builder; by default ``datasvc.sampling.LISTINGS``): a sampler
+    costs nothing to make, and the listing it slices is computed once per (split size, seed,
+    epoch, shuffle) whatever the number of ranks, world sizes or batch sizes asking."""
 
     def __init__(self, cache=None):
         from datasvc.sampling import LISTINGS
@@ -229,7 +236,7 @@ def builder_main(index: int, packs: dict[str, str], endpoint: str, ring, ctx=Non
     recycle_large_allocations()  # decode scratch buffers: reuse heap, not new pages
     init_decode_worker()
     opened = {name: open_pack(path) for name, path in packs.items()}
-    listings = Listings()
+    listings = Listings(BUILDER_LISTINGS)
     ahead = AheadOfRequests()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
