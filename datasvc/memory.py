@@ -34,21 +34,3 @@ def recycle_large_allocations(threshold_mb: int = 128) -> bool:
     except (OSError, AttributeError):  # not glibc
         _done = False
     return _done
-
-
-def trim_heap() -> bool:
-    """Give the free memory of glibc's heaps back to the kernel (``malloc_trim(0)``).
-
-    A server's broker copies a batch for a client that already has one on its way; after a
-    burst of such copies their freed memory stays in the heap, and the process's resident
-    memory creeps up to its highest burst. Trimming every few seconds keeps resident memory
-    at what is in use (a few hundred microseconds per call). Not for processes that set
-    ``recycle_large_allocations``, whose point is to keep that memory. Returns whether any
-    memory was released; False without glibc or with ``DATASVC_NO_MALLOPT=1``.
-    """
-    if os.environ.get("DATASVC_NO_MALLOPT"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False

@@ -22,7 +22,6 @@ from pathlib import Path
 import msgpack
 
 from datasvc.errors import UserError
-from datasvc.memory import trim_heap
 from datasvc.service.auth import allowed_keys, is_loopback, load_keypair
 from datasvc.service.builders import (
     DONE,
@@ -55,7 +54,6 @@ UNREAD_REPLIES = 2  # a client with this many replies not taken by the network i
 MAX_BUILD_DEATHS = 3  # builders that died holding one request: then it fails (no crash loop)
 RECENT_DEATHS = 10  # builder deaths listed in stats
 DRAIN_LINGER_S = 0.5  # a draining server answers "draining" at least this long before exiting
-HEAP_TRIM_S = 5.0  # free heap memory (batch copies sent) goes back to the kernel this often
 
 
 @dataclass
@@ -116,9 +114,8 @@ class Task:
     number: int
     client: bytes
     request_id: int | None
-    # The request's bytes, copied out of the received frame: a frame held while the task waits
-    # would pin the connection's receive buffer (libzmq decodes small messages as references
-    # into a shared 8 KB buffer), so the heap would grow with the queue's deepest moment.
+    # The request's bytes (a few hundred), copied out of the received frame so that a queued
+    # task holds no libzmq message.
     frame: bytes
     builder: int | None = None
     slot: int | None = None
@@ -368,7 +365,6 @@ class Broker:
         if self.pool.supervised:
             poller.register(self.pool.fileno(), zmq.POLLIN)
         last_log, last_images = time.time(), 0
-        last_trim = time.monotonic()
         drain_logged = False
         while not self._stop:
             if self._draining:
@@ -397,9 +393,6 @@ class Broker:
             if self.config.log_interval and now - last_log >= self.config.log_interval:
                 self._log_stats((self.stats.images - last_images) / (now - last_log))
                 last_log, last_images = now, self.stats.images
-            if time.monotonic() - last_trim >= HEAP_TRIM_S:
-                trim_heap()  # resident memory stays at what is in use, not the highest burst
-                last_trim = time.monotonic()
 
     def _begin_drain(self) -> None:
         self._withdraw()
