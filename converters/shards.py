@@ -48,7 +48,7 @@ def done_path(out: Path, job: ShardJob) -> Path:
 def file_crc32c(path: Path) -> str:
     crc = 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
+        while chunk := f.read(1 << 20):  # 1 MB: was 4 MB, two of which were held at once
             crc = google_crc32c.extend(crc, chunk)
     return f"{crc:08x}"
 

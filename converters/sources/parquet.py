@@ -90,31 +90,77 @@ def class_names(files: list[Path], opts: SourceOptions) -> list[str]:
     )
 
 
+# Rows per read of the image column: a batch's images (~110 KB each in ImageNet) are what a
+# worker holds, where reading a whole row group held all of its images at once, twice.
+_BATCH_ROWS = 32
+
+
+class _RowGroupImages:
+    """The images of one row group, read a batch of rows at a time in row order."""
+
+    def __init__(self, path: str, rg: int, column: str):
+        top, _, self._sub = column.partition(".")
+        # buffer_size streams the column chunk instead of reading it whole first
+        pf = _pq().ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        if top not in pf.schema_arrow.names:
+            raise SourceError(f"{path}: no column {top!r}")
+        self._batches = pf.iter_batches(
+            batch_size=_BATCH_ROWS, row_groups=[rg], columns=[top], use_threads=False
+        )
+        self._start, self._images = 0, None
+
+    def get(self, row: int):
+        """Row ``row``'s image bytes (None when null); rows must come in increasing order."""
+        while self._images is None or row >= self._start + len(self._images):
+            if self._images is not None:
+                self._start += len(self._images)
+            batch = next(self._batches, None)
+            if batch is None:
+                raise IndexError(f"row {row} is past the row group's end")
+            col = batch.column(0)
+            self._images = col.field(self._sub) if self._sub else col
+        if row < self._start:
+            raise IndexError(f"row {row} asked after row {self._start}")
+        return self._images[row - self._start].as_py()
+
+
+def _release_pool() -> None:
+    """Hand pyarrow's freed memory back to the system: its pool (mimalloc or jemalloc) keeps
+    what a row group used, and a worker's footprint would creep up with the row groups read."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
 class ParquetReader(SourceReader):
-    """Reads candidates whose ``loc`` is (file number, row group, row), one row group at a
-    time: consecutive candidates of a row group cost one read of its image column."""
+    """Reads candidates whose ``loc`` is (file number, row group, row), a few rows at a time:
+    consecutive candidates of a row group cost one pass over its image column."""
 
     def __init__(self, files: list[str], image_column: str):
         self.files = files
         self.image_column = image_column
 
     def iter_bytes(self, candidates):
-        pq = _pq()
-        group, images = None, None
+        group, images, error = None, None, None
         for cand in candidates:
             f, rg, row = cand.loc
             if (f, rg) != group:
-                images = None
+                if images is not None:
+                    _release_pool()
+                group, images, error = (f, rg), None, None
                 try:
-                    # one thread: the engine runs a reader per core already
-                    table = pq.ParquetFile(self.files[f]).read_row_group(
-                        rg, columns=[self.image_column], use_threads=False
-                    )
-                    images = _column(table, self.image_column, self.files[f])
+                    images = _RowGroupImages(self.files[f], rg, self.image_column)
                 except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid...
                     error = OSError(f"{self.files[f]}: row group {rg} unreadable ({e})")
-                group = (f, rg)
-            value = images[row].as_py() if images is not None else None
+            value = None
+            if images is not None:
+                try:
+                    value = images.get(row)
+                except Exception as e:  # noqa: BLE001 - a damaged page mid-row-group
+                    images, error = (
+                        None,
+                        OSError(f"{self.files[f]}: row group {rg} unreadable ({e})"),
+                    )
             if images is None:
                 yield cand, error
             elif value is None:
