@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from trainer.models import (
@@ -21,7 +22,7 @@ from trainer.models import (
     model_table,
     register_model,
 )
-from trainer.models.layers import DropPath, WSConv2d, standardize_convs
+from trainer.models.layers import WSConv2d, standardize_convs
 
 # Parameter counts stated by the seed model-zoo tables (millions): (model, seed, figure, tolerance).
 # 002 = PytorchInsight (0.5%), 001 = pytorch-cls / pycls (3%), 003 = PistonY ModelZoo (3%).
@@ -298,6 +299,27 @@ def test_model_table_rows():
 # --- variant arguments ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "name, params, keys, digest",
+    [  # taken before ResNet.__init__ was split into stem, stages and head
+        ("resnet18", 11_689_512, 122, "779447cf0a59dec8"),
+        ("resnet50v2", 25_549_480, 305, "324a112df581e0e1"),
+        ("bam_resnet50", 25_915_099, 416, "a93ffda33b7348a2"),
+        ("ws_resnext50_32x4d", 25_028_904, 320, "8f960d1d00758a98"),
+    ],
+)
+def test_resnet_state_dict_layout_is_pinned(name, params, keys, digest):
+    """The parameter count and the state_dict's key list, in order, of post-activation,
+    pre-activation, stage-attention and grouped WS ResNets: checkpoints keep loading."""
+    import hashlib
+
+    with torch.device("meta"):
+        model = create_model(name)
+    names = list(model.state_dict())
+    assert count_params(model) == params and len(names) == keys
+    assert hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] == digest
+
+
 def test_zero_init_residual():
     model = create_model("resnet50", zero_init_residual=True)
     assert all(not b.bn3.weight.any() for b in model.layer1)
@@ -308,8 +330,17 @@ def test_zero_init_residual():
 
 def test_drop_path_and_drop_rate():
     model = create_model("resnet18", drop_path_rate=0.2, drop_rate=0.3)
-    rates = [m.p for m in model.modules() if isinstance(m, DropPath)]
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
     assert rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+    # timm's DropPath as the seeds mean it: whole samples dropped, the kept scaled by 1/(1-p).
+    drop = DropPath(0.25).train()
+    torch.manual_seed(0)
+    y = drop(torch.ones(4000, 3, 2, 2))
+    per_sample = y.flatten(1)
+    assert torch.equal(per_sample.amin(1), per_sample.amax(1))  # one decision per sample
+    assert per_sample[:, 0].unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert y.mean().item() == pytest.approx(1.0, abs=0.05)  # the expectation is kept
+    assert torch.equal(drop.eval()(y), y)
     assert isinstance(model.dropout, nn.Dropout) and model.dropout.p == 0.3
     model.eval()
     x = torch.randn(1, 3, 32, 32)

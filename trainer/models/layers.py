@@ -1,5 +1,8 @@
-"""Layers shared by the model families: weight-standardized conv, stochastic depth, norm and
-activation choice."""
+"""Layers shared by the model families: weight-standardized conv, norm and activation choice.
+
+Stochastic depth is timm's ``DropPath`` (``timm.layers``), used as is: a per-sample mask, kept
+samples scaled by 1 / (1 - p), identity in eval; no seed trains it another way.
+"""
 
 from __future__ import annotations
 
@@ -21,29 +24,6 @@ class WSConv2d(nn.Conv2d):
         w = w - w.mean(dim=(1, 2, 3), keepdim=True)
         std = w.flatten(1).std(dim=1).view(-1, 1, 1, 1) + 1e-5
         return self._conv_forward(x, w / std, self.bias)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: zero a whole residual branch per sample with probability ``p`` in training.
-
-    Kept samples are scaled by 1 / (1 - p) so the expectation is unchanged; identity in eval.
-    """
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def norm_layer(kind: str) -> Callable[[int], nn.Module]:

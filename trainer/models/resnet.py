@@ -13,11 +13,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from trainer.models import register_model
 from trainer.models.attention import ATTENTION, attention_placement
-from trainer.models.layers import DropPath, WSConv2d, activation_layer, norm_layer
+from trainer.models.layers import WSConv2d, activation_layer, norm_layer
 
 LAYERS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -264,52 +265,62 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         preact = block in (PreActBasicBlock, PreActBottleneck)
-        placement = attention_placement(attn)
-        if placement == "conv" and preact:
+        if attention_placement(attn) == "conv" and preact:
             raise ValueError(f"attention {attn!r} replaces a post-activation conv; not with preact")
         conv = WSConv2d if ws else nn.Conv2d
         make_norm = norm_layer(norm)
         make_act = activation_layer(act)
-        attn_kwargs = attn_kwargs or {}
+        # Built in this order (stem, stages, head): the modules' default inits draw from the
+        # global RNG, so the same seed gives the same parameters as one long constructor did.
+        self._build_stem(conv, make_norm, make_act)
+        block_args = {
+            "groups": groups,
+            "base_width": width_per_group,
+            "conv": conv,
+            "norm": make_norm,
+            "attn": attn,
+            "attn_kwargs": attn_kwargs or {},
+            "act": make_act,
+        }
+        width = self._build_stages(block, layers, block_args, drop_path_rate)
+        self._build_head(width, num_classes, preact, make_norm, make_act, drop_rate)
+        self._init_weights(zero_init_residual)
 
+    def _build_stem(self, conv, make_norm, make_act) -> None:
+        """7x7 stride-2 conv, norm, activation, 3x3 stride-2 max pool: H/4 with 64 channels."""
         self.conv1 = conv(3, 64, 7, 2, 3, bias=False)
         self.bn1 = make_norm(64)
         self.relu = make_act()
         self.maxpool = nn.MaxPool2d(3, 2, 1)
 
+    def _build_stages(self, block, layers, block_args: dict, drop_path_rate: float) -> int:
+        """``layer1``..``layer4`` (widths 64..512 × expansion, stride 2 from stage 2 on), the
+        drop-path rate rising linearly over all blocks to ``drop_path_rate``, BAM after stages
+        1-3. Returns the width of the last stage."""
+        attn, attn_kwargs = block_args["attn"], block_args["attn_kwargs"]
         total, index, in_ch = sum(layers), 0, 64
         for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []
             for i in range(depth):
-                blocks.append(
-                    block(
-                        in_ch,
-                        planes,
-                        2 if stage > 0 and i == 0 else 1,
-                        groups=groups,
-                        base_width=width_per_group,
-                        conv=conv,
-                        norm=make_norm,
-                        attn=attn,
-                        attn_kwargs=attn_kwargs,
-                        drop_path=drop_path_rate * index / max(total - 1, 1),
-                        act=make_act,
-                    )
-                )
+                stride = 2 if stage > 0 and i == 0 else 1
+                rate = drop_path_rate * index / max(total - 1, 1)
+                blocks.append(block(in_ch, planes, stride, drop_path=rate, **block_args))
                 in_ch = planes * block.expansion
                 index += 1
             layer = nn.Sequential(*blocks)
-            if placement == "stage" and stage < 3:  # BAM sits after stages 1-3
+            if attention_placement(attn) == "stage" and stage < 3:  # BAM sits after stages 1-3
                 layer.add_module("attn", ATTENTION.create(attn, in_ch, **attn_kwargs))
             self.add_module(f"layer{stage + 1}", layer)
+        return in_ch
 
-        self.bn_last = make_norm(in_ch) if preact else nn.Identity()
+    def _build_head(self, width, num_classes, preact, make_norm, make_act, drop_rate) -> None:
+        """The final norm-activation of pre-activation nets, global average pool, dropout, fc."""
+        self.bn_last = make_norm(width) if preact else nn.Identity()
         self.act_last = make_act() if preact else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
-        self.fc = nn.Linear(in_ch, num_classes)
-        self.num_features = in_ch
-        self._init_weights(zero_init_residual)
+        self.fc = nn.Linear(width, num_classes)
+        self.num_features = width
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
