@@ -1,7 +1,8 @@
 """The trainer: recipe pieces (schedules, parameter groups, loss, mixing, Lookahead, EMA, the
 e-shifted L2), configs and overrides, atomic checkpoints, and end to end on real data: two gloo
-ranks under torchrun train a ResNet on scikit-learn's digits to >= 90% top-1, and a run killed
-with SIGKILL and resumed ends exactly where the uninterrupted run ends."""
+ranks under torchrun train a ResNet on scikit-learn's digits to >= 95% top-1 with every device
+augmentation on, and a run killed with SIGKILL and resumed ends exactly where the uninterrupted
+run ends."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from trainer import checkpoint as ckpt
@@ -33,8 +35,8 @@ from trainer.recipe import (
     BatchMixer,
     Lookahead,
     LRSchedule,
-    ModelEMA,
     Scheduler,
+    build_ema,
     centralize_gradients_,
     classification_loss,
     cutout_,
@@ -280,15 +282,27 @@ def test_lookahead_interpolates_every_k_steps():
     assert other.steps == 3 and other.slow[0].item() == pytest.approx(0.0)
 
 
-def test_ema_update():
-    m = nn.Linear(2, 1, bias=False)
-    nn.init.ones_(m.weight)
-    ema = ModelEMA(m, decay=0.9)
+def test_ema_update_is_timms_and_round_trips():
+    m = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
+    nn.init.ones_(m[0].weight)
+    ema = build_ema(m, decay=0.9)
+    assert isinstance(ema, ModelEmaV3)
     with torch.no_grad():
-        m.weight.fill_(2.0)
+        m[0].weight.fill_(2.0)
+    m[1].num_batches_tracked.fill_(7)
     ema.update(m)
-    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 1.1))
+    torch.testing.assert_close(ema.module[0].weight, torch.full((1, 2), 1.1))  # lerped
+    assert ema.module[1].num_batches_tracked.item() == 7  # integer buffers copied
     assert not any(p.requires_grad for p in ema.module.parameters())
+    # What a checkpoint holds (the model's own keys) restores the EMA exactly.
+    state = ema.module.state_dict()
+    assert set(state) == set(m.state_dict())
+    other = build_ema(m, decay=0.9)
+    other.module.load_state_dict(state)
+    ema.update(m)
+    other.update(m)
+    for a, b in zip(ema.module.state_dict().values(), other.module.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # --- loss and device augmentation --------------------------------------------------------------
@@ -979,9 +993,9 @@ def test_torchrun_gloo_trains_digits(uninterrupted, digits_server):
     val = [r for r in recs if r["kind"] == "val"]
     train = [r for r in recs if r["kind"] == "train"]
     assert len(val) == 8 and all(r["count"] == 360 for r in val)  # every val image once
-    # With every device augmentation on, 8 epochs reach 93-97% (runs differ by a few points);
-    # 90% is the bar that still catches a pipeline that stopped learning.
-    assert val[-1]["top1"] >= 90.0, val
+    # With every device augmentation on, 8 epochs reach 96.7-97.8% over seeds 0-2 (lr and
+    # warm-up in configs/digits.yaml); 95% leaves a margin of a handful of the 360 images.
+    assert val[-1]["top1"] >= 95.0, val
     assert train[-1]["step"] == DIGITS_STEPS
     for r in train:  # the data-stall figure (unclamped) and throughput, every interval
         assert 0.0 <= r["data_wait_frac"] <= 1.0 and r["images_per_s"] > 0 and r["lr"] >= 0
@@ -1157,3 +1171,36 @@ def test_every_trick_in_one_process(digits_pack, tmp_path):
     assert state["scheduler"]["last_step"] == state["progress"]["global_step"] == 22
     assert {"rng", "loader"} == set(state["ranks"][0])
     assert (tmp_path / "config.yaml").exists() and not (tmp_path / "curves.png").exists()
+
+
+def test_cli_logging_puts_rank0_lines_on_stdout(capsys, monkeypatch):
+    """The engine logs through ``logging``; ``python -m trainer`` shows its records on stdout
+    as plain lines (the per-interval lines people and these tests read), rank 0 from INFO up,
+    the other ranks warnings only."""
+    import logging
+
+    from trainer.__main__ import configure_logging
+    from trainer.engine import Dist, _info, _warn
+
+    logger = logging.getLogger("trainer")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        monkeypatch.setenv("RANK", "0")
+        configure_logging()
+        main = Dist(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+        other = Dist(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+        _info(main, "epoch 1 step 10 (10/22) loss 2.3")
+        _info(other, "not from rank 1")
+        _warn(main, "non-finite loss at step 3")
+        logging.getLogger("trainer.logs").debug("hidden")
+        assert capsys.readouterr().out.splitlines() == [
+            "epoch 1 step 10 (10/22) loss 2.3",
+            "warning: non-finite loss at step 3",
+        ]
+        monkeypatch.setenv("RANK", "1")
+        configure_logging()
+        logging.getLogger("trainer.engine").info("rank 1 info")
+        logging.getLogger("trainer.engine").warning("rank 1 warning")
+        assert capsys.readouterr().out.splitlines() == ["warning: rank 1 warning"]
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import zipfile
@@ -287,12 +288,35 @@ def _error_prefix(cmd: str) -> str:
     return f"python -m trainer {cmd}{rank}"
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """The message as is (the per-interval lines are read by people and by tests); a warning
+    or an error says so first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def configure_logging() -> None:
+    """The trainer's library code logs through ``logging`` (``trainer.*`` loggers) and logs the
+    run's events from rank 0 only; this command line shows them on stdout, one plain line each:
+    INFO and up on rank 0, warnings and errors on the other ranks. Other packages' records keep
+    the logging defaults (warnings on stderr)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_ConsoleFormatter("%(message)s"))
+    logger = logging.getLogger("trainer")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if _rank() == 0 else logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run one command; an expected failure is one line on stderr (datasvc.errors)."""
     from datasvc.errors import run_command
     from trainer.torchrun_exit import end_torchrun_job
 
     a = parse_args(argv)
+    configure_logging()
     return run_command(
         _error_prefix(a.cmd), lambda: a.fn(a), debug=a.debug, after_report=end_torchrun_job
     )

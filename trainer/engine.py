@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import time
@@ -44,14 +45,16 @@ from trainer.logs import (
 from trainer.recipe import (
     BatchMixer,
     LRSchedule,
-    ModelEMA,
     Scheduler,
+    build_ema,
     build_optimizer,
     centralize_gradients_,
     classification_loss,
     eshifted_l2_,
     scaled_lr,
 )
+
+log = logging.getLogger(__name__)
 
 # --- process group -----------------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ def prepare_model(model: nn.Module, cfg: Config, d: Dist) -> nn.Module:
     """Device, memory format and SyncBN; returns the bare module (DDP wraps it later)."""
     if cfg.model.sync_bn and d.enabled:
         if d.device.type != "cuda":
-            _say(d, "model.sync_bn: SyncBatchNorm needs CUDA; keeping per-rank BatchNorm")
+            _warn(d, "model.sync_bn: SyncBatchNorm needs CUDA; keeping per-rank BatchNorm")
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(d.device)
@@ -204,9 +207,17 @@ def evaluate(
 # --- logging -----------------------------------------------------------------------------------
 
 
-def _say(d: Dist, msg: str) -> None:
+def _info(d: Dist, msg: str) -> None:
+    """An INFO record from rank 0 only (every rank runs the same loop; one line per event).
+    ``python -m trainer`` sends the ``trainer`` loggers to stdout as plain lines."""
     if d.main:
-        print(msg, flush=True)
+        log.info(msg)
+
+
+def _warn(d: Dist, msg: str) -> None:
+    """A WARNING record from rank 0 only."""
+    if d.main:
+        log.warning(msg)
 
 
 def val_summary(res: dict) -> str:
@@ -295,7 +306,7 @@ class Trainer:
         )
         self.scheduler = Scheduler(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=tc.amp == "fp16")
-        self.ema = ModelEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.ema = build_ema(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         groups = self.optimizer.param_groups
         self.eshift_params = [p for g in groups if g.get("eshift") for p in g["params"]]
         self.all_params = [p for g in groups for p in g["params"]]
@@ -313,7 +324,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": self.ema.module.state_dict() if self.ema else None,
             "progress": {
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -357,7 +368,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.ema.module.load_state_dict(state["ema"])
         p = state["progress"]
         self.epoch, self.step_in_epoch = p["epoch"], p["step_in_epoch"]
         self.global_step = p["global_step"]
@@ -370,8 +381,8 @@ class Trainer:
             self.step_in_epoch = 0
         diff = _config_diff(state["config"], self.cfg.to_dict())
         if diff:
-            _say(self.d, f"resume: config differs from the checkpoint's in {', '.join(diff)}")
-        _say(self.d, f"resumed from {path}: epoch {self.epoch}, step {self.global_step}")
+            _info(self.d, f"resume: config differs from the checkpoint's in {', '.join(diff)}")
+        _info(self.d, f"resumed from {path}: epoch {self.epoch}, step {self.global_step}")
 
     def _restore_position(self, state: dict, path: Path, at_epoch_end: bool) -> None:
         """The loader cursor and RNG state of this rank, or the schedule's place when the
@@ -388,7 +399,7 @@ class Trainer:
                 )
             self.global_step = (self.epoch + 1) * self.steps_per_epoch
             self.scheduler.load_state_dict({"last_step": self.global_step})
-            _say(
+            _info(
                 self.d,
                 f"resume: {p['steps_per_epoch']} → {self.steps_per_epoch} steps per "
                 "epoch; the schedule continues from the next epoch",
@@ -459,7 +470,7 @@ class Trainer:
         self.train_skipped = skipped
         if not skipped:
             return
-        _say(self.d, f"epoch {self.epoch + 1} train: {describe_skipped(skipped)}")
+        _info(self.d, f"epoch {self.epoch + 1} train: {describe_skipped(skipped)}")
         log.write({"kind": "skipped", "split": "train", "epoch": self.epoch, "records": skipped})
 
     # --- the loop ------------------------------------------------------------------------------
@@ -492,7 +503,7 @@ class Trainer:
         if resume is not None:
             self.load(resume)
         elif (self.out / ckpt.LAST).exists():
-            _say(
+            _info(
                 d,
                 f"note: {self.out} holds a checkpoint of an earlier run; this fresh run "
                 "replaces it (without --fresh, a run continues from it)",
@@ -505,7 +516,7 @@ class Trainer:
             ids=cfg.train.log_ids,
             tb=cfg.train.tensorboard,
         )
-        _say(
+        _info(
             d,
             f"training {cfg.model.name} ({self.num_classes} classes) on {d.world_size} "
             f"rank(s), {d.device.type}; {self.steps_per_epoch} steps/epoch, global batch "
@@ -569,7 +580,7 @@ class Trainer:
             res = self.run_eval()
             self.last_val = {"epoch": self.epoch, **res}
             logs.write({"kind": "val", "epoch": self.epoch, "step": self.global_step, **res})
-            _say(self.d, f"epoch {self.epoch + 1}/{tc.epochs} {val_summary(res)}")
+            _info(self.d, f"epoch {self.epoch + 1}/{tc.epochs} {val_summary(res)}")
         self._report_train_skipped(logs)
         self.step_in_epoch = self.steps_per_epoch
         self.save(epoch_end=True)
@@ -599,7 +610,7 @@ class Trainer:
             if self.cfg.train.plot:
                 png = plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
                 if png:
-                    _say(self.d, f"wrote {png}")
+                    _info(self.d, f"wrote {png}")
         return summary
 
     def _log_interval(self) -> dict:
@@ -632,8 +643,8 @@ class Trainer:
         if mem is not None:
             rec["gpu_mem_gib"] = mem
         if not math.isfinite(loss):
-            _say(d, f"warning: non-finite loss at step {self.global_step}")
-        _say(d, self._log_line(rec))
+            _warn(d, f"non-finite loss at step {self.global_step}")
+        _info(d, self._log_line(rec))
         return rec
 
     def _log_line(self, rec: dict) -> str:
@@ -678,7 +689,7 @@ def train(cfg: Config, resume: str | bool | None = None) -> dict:
     try:
         path = find_resume(cfg, resume)
         if resume is True and path is None:
-            _say(d, f"--resume: no checkpoint in {cfg.train.out_dir}; starting from scratch")
+            _info(d, f"--resume: no checkpoint in {cfg.train.out_dir}; starting from scratch")
         return Trainer(cfg, d).fit(path)
     finally:
         shutdown_distributed()

@@ -5,22 +5,24 @@ e-shifted L2).
 Everything stochastic here is a pure function of ``(seed, epoch, step, rank)``, so a run resumed
 from a checkpoint draws the same mixes as the run that was interrupted.
 
-Why these are ours and not timm's or torchvision's: timm's Mixup/CutMix and random erasing draw
-from the global RNG, so a resumed run would mix differently (ours are keyed by the batch);
-its schedulers are equivalent to ``LRSchedule`` but step per epoch or per update by mode, where
-the seeds warm up per iteration; ``ModelEMA`` matches timm's ModelEmaV3 (floating state lerped,
-integer buffers copied). Weight standardization stays ours (``models/layers.py``): timm's
-StdConv2d divides by sqrt(biased var + 1e-6), PytorchInsight by (unbiased std + 1e-5).
+Generic pieces come from timm where it holds a faithful one: the EMA of the weights is timm's
+``ModelEmaV3`` (``build_ema``) and stochastic depth timm's ``DropPath`` (``models/resnet.py``).
+Ours stay where the seeds' variant or our exact resume needs another: timm's Mixup/CutMix and
+random erasing draw from the global RNG, so a resumed run would mix differently (ours are keyed
+by the batch); its schedulers are equivalent to ``LRSchedule`` but step per epoch or per update
+by mode, where the seeds warm up per iteration. Weight standardization stays ours
+(``models/layers.py``): timm's StdConv2d divides by sqrt(biased var + 1e-6), PytorchInsight by
+(unbiased std + 1e-5).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from trainer.config import DECAY_KINDS, AugmentConfig, OptimConfig
@@ -330,31 +332,17 @@ class Lookahead:
         self.steps = int(state["steps"])
 
 
-class ModelEMA:
-    """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * w``
-    for parameters and floating buffers (BN statistics); integer buffers are copied."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema = self.module.state_dict()
-        for k, v in model.state_dict().items():
-            e = ema[k]
-            if e.dtype.is_floating_point:
-                e.lerp_(v.detach().to(e.dtype), 1.0 - self.decay)
-            else:
-                e.copy_(v)
-
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
+def build_ema(model: nn.Module, decay: float) -> ModelEmaV3:
+    """timm's ``ModelEmaV3`` of ``model``: ``ema = decay * ema + (1 - decay) * w`` for the
+    parameters and floating buffers (BN statistics) at every optimizer step, integer buffers
+    copied. Its weights are frozen (they are never trained; evaluation reads them). A checkpoint
+    holds ``ema.module.state_dict()`` (the model's own keys), which is all its state at a fixed
+    decay: the warm-up and bf16 stochastic rounding options, which would need a step count or a
+    generator state restored on resume, are left off."""
+    ema = ModelEmaV3(model, decay=decay)
+    for p in ema.module.parameters():
+        p.requires_grad_(False)
+    return ema
 
 
 # --- loss and targets --------------------------------------------------------------------------
