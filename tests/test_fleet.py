@@ -264,6 +264,7 @@ def test_prometheus_metrics_and_status_table(small_pack, capsys):
     assert m[("datasvc_requests_total", (("outcome", "range"),))] == 1
     assert m[("datasvc_request_latency_seconds_count", ())] == 64
     assert m[("datasvc_queue_depth", ())] == 0
+    assert 0 <= m[("datasvc_batches_copied_total", ())] < m[("datasvc_batches_served_total", ())]
     clients = [k for k in m if k[0] == "datasvc_client_images_total"]
     assert 1 <= len(clients) <= 33 and sum(m[k] for k in clients) == 128
     lines = capsys.readouterr().out.strip().splitlines()

@@ -65,6 +65,7 @@ class Stats:
     errors: int = 0
     busy: int = 0  # requests answered "busy"
     dropped: int = 0  # error replies not sent: the client was not reading
+    copied: int = 0  # batches sent as a copy: their client already had a slot on its way
     busy_s: float = 0.0
     clients: ClientTable = field(default_factory=ClientTable)
     # builder index → epoch listings its process has computed (from its latest reply)
@@ -95,6 +96,7 @@ class Stats:
             "errors": self.errors,
             "busy": self.busy,
             "dropped": self.dropped,
+            "copied": self.copied,
             "images_per_s": round(self.images / up, 1),
             "bytes_per_image": round(self.bytes / self.images) if self.images else 0,
             "worker_busy": round(self.busy_s / (up * builders), 3),
@@ -571,6 +573,7 @@ class Broker:
 
             frame = zmq.Frame(self.ring.copy_out(slot, n_bytes), track=True)
             self.ring.give_back(slot)
+            self.stats.copied += 1
             return frame, frame.tracker
         cs.sending += 1
         task.pinned = True

@@ -71,6 +71,11 @@ class BrokerCollector:
         yield CounterMetricFamily("datasvc_images_served", "Images served", value=st.images)
         yield CounterMetricFamily("datasvc_bytes_served", "Reply bytes sent", value=st.bytes)
         yield CounterMetricFamily("datasvc_batches_served", "Batches served", value=st.batches)
+        yield CounterMetricFamily(
+            "datasvc_batches_copied",
+            "Batches sent as a copy (their client already had one on its way from a slot)",
+            value=st.copied,
+        )
         req = CounterMetricFamily("datasvc_requests", "Requests by outcome", labels=["outcome"])
         for outcome in OUTCOMES:
             req.add_metric([outcome], st.outcomes.get(outcome, 0))
