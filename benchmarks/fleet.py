@@ -248,23 +248,30 @@ def _rate_bytes(rate: str) -> float:
 def _server_memory(pids: list[int]) -> dict[str, int]:
     """Bytes resident in the servers' process trees, by kind (``/proc/PID/status``): ``anon``
     (heaps: what a leak grows), ``file`` (mapped pack pages: the page cache's), ``shmem``
-    (the shared slot ring, counted once per process that touched it)."""
+    (the shared slot ring, counted once per process that touched it); and the heaps by process
+    role, summed over servers: ``anon_brokers``, ``anon_spawners``, ``anon_builders``."""
     import psutil
 
-    total = {"anon": 0, "file": 0, "shmem": 0}
+    total = dict.fromkeys(("anon", "file", "shmem", *(f"anon_{r}" for r in _ROLES)), 0)
     for pid in pids:
         root = psutil.Process(pid)
         for p in [root, *root.children(recursive=True)]:
             try:
                 status = Path(f"/proc/{p.pid}/status").read_text()
-            except OSError:
+                role = _ROLES[0 if p.pid == pid else 1 if p.ppid() == pid else 2]
+            except (OSError, psutil.Error):
                 continue
             for line in status.splitlines():
                 key, _, value = line.partition(":")
                 kind = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}.get(key)
                 if kind:
                     total[kind] += int(value.split()[0]) * 1024
+                if kind == "anon":
+                    total[f"anon_{role}"] += int(value.split()[0]) * 1024
     return total
+
+
+_ROLES = ("brokers", "spawners", "builders")  # a server's process, its child, their children
 
 
 def _load_rank(endpoints, pack, rank, world, stop, batch_size, image_size, step_s) -> dict:
@@ -386,6 +393,10 @@ def memory_summary(samples, seconds: float, warmup_s: float = 10.0, window_s: fl
     out = {
         "kind": "RssAnon (heaps), both servers' process trees",
         "anon_mb_every_10s": [round(m["anon"] / 2**20, 1) for t, m in samples[::10]],
+        "anon_mb_every_10s_by_role": {
+            role: [round(m.get(f"anon_{role}", 0) / 2**20, 1) for t, m in samples[::10]]
+            for role in _ROLES
+        },
         "rss_mb_first_last_window": [
             _mean_mb(samples, warmup_s, warmup_s + window_s, ("anon", "file", "shmem")),
             _mean_mb(samples, end - window_s, end + 1, ("anon", "file", "shmem")),
