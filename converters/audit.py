@@ -171,6 +171,32 @@ def _audit_rgb_jpeg(data: bytes, height: int, width: int, cfg: AuditConfig) -> A
     return Audited(data, height, width, "jpeg")
 
 
+def _audit_gray_jpeg(data: bytes, height: int, width: int, cfg: AuditConfig) -> Audited:
+    """A grayscale JPEG → an RGB one (the gray replicated, as PIL's ``convert("RGB")`` does):
+    decoded by libjpeg-turbo straight to one channel (strict), at a power-of-two DCT scale
+    when ``max_side`` shrinks it, as colour JPEGs are. Without ``max_side`` the pixels, and so
+    the bytes, are those of decoding it with PIL (the same ISLOW IDCT), at half the cost."""
+    k = 1
+    if cfg.max_side is not None and max(width, height) > cfg.max_side:
+        k = dct_downscale(max(width, height), cfg.max_side)
+    try:
+        gray = simplejpeg.decode_jpeg(
+            data,
+            colorspace="GRAY",
+            min_height=-(-height // k),
+            min_width=-(-width // k),
+            strict=True,
+        )
+    except ValueError as e:
+        raise Rejected(f"corrupt or truncated JPEG: {e}") from None
+    if k == 1 and gray.shape[:2] != (height, width):
+        raise Rejected(
+            f"header says {width}x{height}, data decodes to {gray.shape[1]}x{gray.shape[0]}"
+        )
+    arr = _fit(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), cfg.max_side)  # BGR = RGB: all gray
+    return Audited(_encode(arr, cfg, bgr=True), arr.shape[0], arr.shape[1], "grayscale")
+
+
 def _check_size(width: int, height: int, cfg: AuditConfig) -> None:
     if width < 1 or height < 1:
         raise Rejected(f"degenerate size {width}x{height}")
@@ -193,6 +219,9 @@ def audit_image(data: bytes, cfg: AuditConfig) -> Audited:
         if colorspace in ("YCbCr", "RGB"):
             _check_size(width, height, cfg)
             return _audit_rgb_jpeg(data, height, width, cfg)
+        if colorspace == "Gray":
+            _check_size(width, height, cfg)
+            return _audit_gray_jpeg(data, height, width, cfg)
     try:
         with warnings.catch_warnings():  # the audit's own cap decides (PIL's warns at half)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
