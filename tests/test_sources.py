@@ -3,6 +3,7 @@ records the extracted tree converts to (same keys, labels, image bytes and class
 
 from __future__ import annotations
 
+import io
 import shutil
 import tarfile
 from pathlib import Path
@@ -151,3 +152,31 @@ def test_val_tar_without_labels_says_what_to_add(sources, tmp_path):
     (src / "ILSVRC2012_img_val.tar").symlink_to(sources["ilsvrc"] / "ILSVRC2012_img_val.tar")
     with pytest.raises(SourceError, match="ILSVRC2012_devkit_t12.tar.gz or Kaggle's LOC_val"):
         discover(src, SourceOptions())
+
+
+def test_tar_listing_keeps_no_headers(tmp_path, monkeypatch):
+    """A listing streams a tar's headers: tarfile would keep every TarInfo in .members (50,000
+    for ImageNet's val tar), and the listing never looks at one twice."""
+    from converters.sources import tarfiles
+
+    path = tmp_path / "flat.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(300):
+            info = tarfile.TarInfo(f"img_{i:04d}.JPEG")
+            info.size = i
+            tar.addfile(info, io.BytesIO(b"x" * i))
+    held = []
+    real_next = tarfile.TarFile.next
+
+    def next_member(self):
+        held.append(len(self.members))
+        return real_next(self)
+
+    monkeypatch.setattr(tarfile.TarFile, "next", next_member)
+    listed = list(tarfiles.members(str(path)))
+    assert [m.name for m in listed] == [f"img_{i:04d}.JPEG" for i in range(300)]
+    assert [m.size for m in listed] == list(range(300))
+    with open(path, "rb") as f:  # the offsets address the members' bytes
+        f.seek(listed[7].offset)
+        assert f.read(listed[7].size) == b"x" * 7
+    assert max(held) <= 1  # at most the header just read, never the tar's whole list
