@@ -1,8 +1,9 @@
 """Conversion throughput: against the machine's JPEG decode bound, per source layout, per engine,
 and its peak memory against the source's size.
 
-    python -m benchmarks.convert [--suite decode,sources,ray,memory] [--workers 2] [--rounds 3]
-                                 [--ray-scale 4] [--json F] [--plot F]
+    python -m benchmarks.convert [--suite decode,sources,ray,memory,plan] [--workers 2]
+                                 [--rounds 3] [--ray-scale 4] [--plan-images 100000]
+                                 [--json F] [--plot F]
 
 All on the built-in sample (10 classes x 160 train + 40 val images, ImageNet-like sizes), 2
 workers, LMDB. Cases run in turns, round after round, and ratios are medians of per-round
@@ -14,7 +15,9 @@ ILSVRC2012 tarballs, parquet and webdataset shards (target: tarballs >= 0.9 of t
 already running Ray, and embedded (each run starts and stops its own Ray) on the tree
 ``--ray-scale`` times over, with and without the seconds its ``ray.init``/``ray.shutdown`` took.
 ``memory``: peak PSS of the whole conversion (driver and workers) for a source and the same
-source four times as large, at the same shard size (200 images).
+source four times as large, at the same shard size (200 images). ``plan``: the bytes per image
+the driver's plan holds (listings and shard jobs; tracemalloc) and the peak while making it,
+for ImageNet-named few-byte files (``--plan-images`` of them) as a tree and as the tarballs.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from benchmarks.report import bar_plot, commit, markdown_table, write_json
 from converters import sample_sources
 from converters.convert import ConvertConfig, convert
 
-SUITES = ("decode", "sources", "ray", "memory")
+SUITES = ("decode", "sources", "ray", "memory", "plan")
 
 
 def _decode_files(paths: list[str]) -> int:
@@ -339,6 +342,64 @@ def suite_memory(tree: Path, work: Path, workers: int, rounds: int, n: int) -> l
     return rows
 
 
+def _named_files(images: int, classes: int = 100) -> dict:
+    """ImageNet-named train files of a few bytes (a plan reads no image), one val per 25."""
+    wnids = [f"n{4000000 + 1931 * c:08d}" for c in range(classes)]
+    per = images // classes
+    train = {w: {f"{w}_{10000 + i}.JPEG": b"x" for i in range(per)} for w in wnids}
+    val = {f"ILSVRC2012_val_{k + 1:08d}.JPEG": (b"v", wnids[k % classes]) for k in range(per)}
+    return {"wnids": wnids, "synsets": wnids, "train": train, "val": val}
+
+
+def _write_tree(src: dict, root: Path) -> Path:
+    for w, files in src["train"].items():
+        (root / "train" / w).mkdir(parents=True)
+        for name, data in files.items():
+            (root / "train" / w / name).write_bytes(data)
+    return root
+
+
+def _plan_bytes(path: Path) -> tuple[int, int, int]:
+    """(images planned, bytes the plan holds, peak bytes while making it), by tracemalloc."""
+    import gc
+    import tracemalloc
+
+    from converters.convert import make_plan
+    from converters.sources import SourceOptions
+
+    gc.collect()
+    tracemalloc.start()
+    planned = make_plan(path, ConvertConfig(shard_size=1024), SourceOptions(splits=("train",)))
+    gc.collect()
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return sum(len(j.candidates) for j in planned.jobs), held, peak
+
+
+def suite_plan(tree: Path, work: Path, workers: int, rounds: int, n: int, images: int) -> list:
+    rows = []
+    for scale in (images // 4, images):
+        src = _named_files(scale)
+        paths = {
+            "tree": _write_tree(src, work / f"plan-tree{scale}"),
+            "ILSVRC2012 tarballs": sample_sources.ilsvrc_tarballs(
+                src, work / f"plan-ilsvrc{scale}", labels="kaggle"
+            ),
+        }
+        for name, path in paths.items():
+            count, held, peak = _plan_bytes(path)
+            rows.append(
+                {
+                    "case": f"{name}, {count} images",
+                    "plan_b_per_image": held / count,
+                    "peak_b_per_image": peak / count,
+                    "plan_mb": held / 2**20,
+                }
+            )
+            shutil.rmtree(path)
+    return rows
+
+
 def _sample(n_classes: int, per_class: int) -> Path:
     from datasvc.sample import write_sample
 
@@ -362,6 +423,9 @@ COLUMNS = [
     ("peak_pss_mb", "peak PSS MB"),
     ("sum_of_peaks_mb", "sum of per-process peaks MB"),
     ("seconds", "seconds"),
+    ("plan_b_per_image", "plan bytes per image"),
+    ("peak_b_per_image", "peak bytes per image while planning"),
+    ("plan_mb", "plan MB"),
 ]
 
 
@@ -377,6 +441,7 @@ def main(argv=None) -> int:
         default=4,
         help="the embedded-Ray case converts the tree this many times over (startup amortised)",
     )
+    ap.add_argument("--plan-images", type=int, default=100_000, help="images of the plan suite")
     ap.add_argument("--json", default="out/bench-convert.json")
     ap.add_argument("--plot", default="out/bench-convert.png")
     a = ap.parse_args(argv)
@@ -386,7 +451,7 @@ def main(argv=None) -> int:
     results = {}
     try:
         for suite in a.suite.split(","):
-            kw = {"factor": a.ray_scale} if suite == "ray" else {}
+            kw = {"ray": {"factor": a.ray_scale}, "plan": {"images": a.plan_images}}.get(suite, {})
             rows = globals()[f"suite_{suite}"](tree, work, a.workers, a.rounds, n, **kw)
             results[suite] = rows
             cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
