@@ -79,9 +79,9 @@ def run_processes(todo: list[ShardJob], out: Path, cfg, classes, feed: ProgressF
     counter = ctx.Value("q", 0)
     args = [(j, str(out), cfg, classes) for j in todo]
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # stop like Ctrl-C
-    # The forked workers inherit the plan (a candidate per image: ~300 bytes each, 380 MB for
-    # ImageNet); frozen, the workers' garbage collector never walks it, so its pages stay
-    # shared instead of being copied into every worker.
+    # The forked workers inherit the driver's objects; frozen, the workers' garbage collector
+    # never walks them, so their pages stay shared instead of being copied into every worker
+    # (the plan itself is numpy columns, which the collector does not walk anyway).
     gc.freeze()
     try:
         pool = ctx.Pool(

@@ -14,7 +14,7 @@ from pathlib import Path
 import google_crc32c
 
 from converters.audit import AuditConfig, Rejected, audit_image
-from converters.sources import Candidate, SourceReader
+from converters.sources import CandidateTable, SourceReader
 from datasvc.packs import PACK_FORMATS, Sample, shard_name
 from datasvc.packs.manifest import write_json_atomic
 
@@ -25,13 +25,14 @@ STATE_DIR = ".convert"
 
 @dataclass(frozen=True)
 class ShardJob:
-    """A shard of the plan: its split, number and count, and the candidates it holds."""
+    """A shard of the plan: its split, number and count, and the candidates it holds (a
+    table of its own when pickled to a worker: a shard's part of the listing, not all of it)."""
 
     split: str
     index: int
     count: int
     reader: SourceReader
-    candidates: tuple[Candidate, ...]
+    candidates: CandidateTable
 
     def file_name(self, suffix: str) -> str:
         return shard_name(self.split, self.index, self.count, suffix)

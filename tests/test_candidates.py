@@ -4,14 +4,15 @@ compactly, stays small per image, and leaves every listing digest and shard plan
 from __future__ import annotations
 
 import pickle
+import tracemalloc
 from pathlib import Path
 
 import google_crc32c
 import pytest
 
 from converters.convert import ConvertConfig, make_plan
-from converters.sources import SourceOptions
 from converters.sample_sources import ilsvrc_tarballs, parquet_shards, webdataset_tars
+from converters.sources import Candidate, CandidateTable, SourceOptions, tree_order
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -83,3 +84,87 @@ def test_listing_digest_and_shards_are_as_before(kind, fake_sources):
     planned = make_plan(src, ConvertConfig(shards=3), opts)
     got = (planned.plan["splits"], _shards_digest(planned.jobs))
     assert got == PINNED[kind]
+
+
+def _imagenet_like(n: int) -> list[Candidate]:
+    """ImageNet's train keys and tar locs: ``n01440764/n01440764_10026.JPEG``, (0, offset, size)."""
+    wnids = [f"n{1440764 + 7919 * c:08d}" for c in range(1000)]
+    return [
+        Candidate(
+            f"{wnids[i % 1000]}/{wnids[i % 1000]}_{10000 + i}.JPEG",
+            i % 1000,
+            (0, 512 * i, 110_000 + i),
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+MIXED = [
+    Candidate("n01/a.JPEG", 3, (0, 512, 7)),
+    Candidate("\u00e9t\u00e9/\udcff.jpg", 0, (1, 2**40, 0)),  # a surrogate-escaped file name
+    Candidate("flat.png", 999, (0, 1024, 5)),
+    Candidate("n01/a.JPEG", 1, (2, 0, 0)),  # a duplicate key keeps its place in a stable sort
+]
+
+
+def test_table_reads_as_the_list_it_was_built_from():
+    table = CandidateTable.of(MIXED)
+    assert len(table) == 4 and list(table) == MIXED
+    assert [table[i] for i in range(-4, 4)] == MIXED + MIXED
+    assert all(type(c.label) is int and all(type(x) is int for x in c.loc) for c in table)
+    assert list(table[1:3]) == MIXED[1:3] and list(table[::2]) == MIXED[::2]
+    assert list(table[3:1]) == [] and list(table[1:][1:]) == MIXED[2:]
+    assert list(table.take([3, 0, 0])) == [MIXED[3], MIXED[0], MIXED[0]]
+    by_tree = sorted(MIXED, key=lambda c: tree_order(c.path))
+    assert list(table.sorted_by(tree_order)) == by_tree
+    with pytest.raises(IndexError):
+        table[4]
+    flat = CandidateTable.of([Candidate("a", 1), Candidate("b", 2)])  # the tree's: no loc
+    assert list(flat) == [Candidate("a", 1, ()), Candidate("b", 2, ())]
+    assert list(CandidateTable.Builder().build()) == []
+
+
+def test_builder_refuses_a_loc_of_another_shape():
+    builder = CandidateTable.Builder()
+    builder.append("a", 0, (0, 1, 2))
+    with pytest.raises(ValueError, match="not 3 numbers"):
+        builder.append("b", 0, (0, 1))
+
+
+def test_iteration_spans_chunks():
+    cands = _imagenet_like(20_000)  # more than one chunk of the table's batched reads
+    table = CandidateTable.of(cands)
+    assert list(table) == cands
+    order = list(range(20_000))[::-7]
+    assert list(table.take(order)) == [cands[i] for i in order]
+
+
+def test_a_slice_pickles_only_its_part():
+    table = CandidateTable.of(_imagenet_like(50_000))
+    shard = table[20_000:21_024]
+    data = pickle.dumps(shard)
+    assert list(pickle.loads(data)) == list(shard)
+    whole = len(pickle.dumps(table))
+    assert len(data) < 2 * whole * 1024 / 50_000  # ~its 1,024 rows' share, not the 50,000's
+    moved = pickle.loads(pickle.dumps(table.take(range(5, 1029))))
+    assert list(moved) == list(table[5:1029])
+
+
+def test_bytes_per_candidate_stay_small():
+    """The plan's size per image is what grows with the source (1.28M for ImageNet): the
+    table's columns and all it allocates stay under 100 bytes an image (a Candidate list:
+    ~250)."""
+    cands = _imagenet_like(100_000)
+    tracemalloc.start()
+    try:
+        builder = CandidateTable.Builder()
+        for c in cands:
+            builder.append(c.path, c.label, c.loc)
+        table = builder.build()
+        del builder
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert list(table[:3]) == cands[:3]
+    assert table.nbytes / len(table) < 100
+    assert held / len(table) < 100

@@ -5,9 +5,12 @@ would give: the same keys, labels and class list (torchvision's sorted class fol
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from datasvc.errors import UserError
 
@@ -19,14 +22,161 @@ class SourceError(UserError):
     """SRC cannot be converted as it is; the message names the file or member and the fix."""
 
 
-@dataclass(frozen=True, slots=True)  # slots: ImageNet's plan holds 1.28M of them
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """A file to pack: its key (the path the extracted tree would give it, relative to the
-    split folder), its 0-based label, and where its source finds the bytes (``loc``)."""
+    split folder), its 0-based label, and where its source finds the bytes (``loc``).
+    Plans hold them as a ``CandidateTable``; these are made one at a time from it."""
 
     path: str
     label: int
     loc: tuple = ()
+
+
+# Keys are stored as UTF-8 with surrogates passed through: any str round-trips exactly (a
+# file name os.walk decoded with surrogateescape included).
+_ENCODING = ("utf-8", "surrogatepass")
+_CHUNK = 8192  # candidates made (or key bytes gathered) per numpy call
+
+
+class CandidateTable:
+    """A split's (or a shard's) candidates in columns: the keys' UTF-8 in one buffer with an
+    int64 offsets array, int32 labels and an (N, loc width) int64 array of locs. About 50-70
+    bytes an image where a list of ``Candidate`` took 150-250: ImageNet's 1.28M-image plan is
+    the one thing in a conversion that grows with the source.
+
+    Reads like a sequence of ``Candidate``. A slice is a view (it shares the buffers) but
+    pickles only its own part, so a shard job sent to a worker carries its shard alone.
+    """
+
+    __slots__ = ("_keys", "_offsets", "_labels", "_locs")
+
+    def __init__(self, keys, offsets: np.ndarray, labels: np.ndarray, locs: np.ndarray):
+        # offsets index into keys; a view's first offset need not be 0
+        self._keys, self._offsets, self._labels, self._locs = keys, offsets, labels, locs
+
+    @classmethod
+    def of(cls, candidates: Iterable[Candidate], loc_width: int | None = None) -> CandidateTable:
+        builder = cls.Builder(loc_width)
+        for c in candidates:
+            builder.append(c.path, c.label, c.loc)
+        return builder.build()
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the columns (a view counts the part it shows)."""
+        a, b = int(self._offsets[0]), int(self._offsets[-1])
+        return b - a + self._offsets.nbytes + self._labels.nbytes + self._locs.nbytes
+
+    def path(self, i: int) -> str:
+        return str(self._keys[self._offsets[i] : self._offsets[i + 1]], *_ENCODING)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return self.take(range(start, stop, step))
+            stop = max(start, stop)
+            return CandidateTable(
+                self._keys,
+                self._offsets[start : stop + 1],
+                self._labels[start:stop],
+                self._locs[start:stop],
+            )
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"candidate {i} of {n}")
+        i %= n
+        return Candidate(self.path(i), int(self._labels[i]), tuple(self._locs[i].tolist()))
+
+    def __iter__(self) -> Iterator[Candidate]:
+        keys = self._keys
+        for start in range(0, len(self), _CHUNK):
+            # a chunk's columns as Python lists: one numpy call each, not one per candidate
+            stop = min(start + _CHUNK, len(self))
+            offsets = self._offsets[start : stop + 1].tolist()
+            labels = self._labels[start:stop].tolist()
+            locs = self._locs[start:stop].tolist()
+            for j, label in enumerate(labels):
+                key = str(keys[offsets[j] : offsets[j + 1]], *_ENCODING)
+                yield Candidate(key, label, tuple(locs[j]))
+
+    def take(self, indices) -> CandidateTable:
+        """The candidates at ``indices``, in that order, in buffers of their own."""
+        idx = np.asarray(indices, dtype=np.int64)
+        starts = self._offsets[:-1][idx]
+        lengths = self._offsets[1:][idx] - starts
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        src = np.frombuffer(self._keys, dtype=np.uint8)
+        keys = np.empty(int(offsets[-1]), dtype=np.uint8)
+        for c in range(0, len(idx), _CHUNK):
+            # the key bytes of _CHUNK candidates at a time: positions are 8 bytes per key
+            # byte, so gathering all at once would cost 8x the keys
+            d = min(c + _CHUNK, len(idx))
+            first, last = int(offsets[c]), int(offsets[d])
+            shift = np.repeat(starts[c:d] - offsets[c:d], lengths[c:d])
+            keys[first:last] = src[shift + np.arange(first, last)]
+        return CandidateTable(keys.tobytes(), offsets, self._labels[idx], self._locs[idx])
+
+    def sorted_by(self, key: Callable[[str], object]) -> CandidateTable:
+        """Stably sorted by ``key(path)``: the transient list of keys ``sorted`` makes is the
+        one per-image Python object list this costs, dropped before the sorted table is made."""
+        order = sorted(range(len(self)), key=lambda i: key(self.path(i)))
+        return self.take(order)
+
+    def __reduce__(self):
+        # a view pickles as a table of its own part: its bytes, offsets from 0
+        a, b = int(self._offsets[0]), int(self._offsets[-1])
+        keys = bytes(self._keys[a:b])
+        return CandidateTable, (keys, self._offsets - a, self._labels.copy(), self._locs.copy())
+
+    def __repr__(self) -> str:
+        return f"CandidateTable({len(self)} candidates, {self.nbytes} bytes)"
+
+    class Builder:
+        """Appends candidates into growing arrays, so a listing never holds one Python object
+        per image; ``build()`` makes the table. ``loc_width`` is fixed by the first append when
+        not given (a source's locs all have one shape)."""
+
+        def __init__(self, loc_width: int | None = None):
+            self._keys = bytearray()
+            self._offsets = array("q", [0])
+            self._labels = array("i")
+            self._locs = array("q")
+            self._width = loc_width
+
+        def __len__(self) -> int:
+            return len(self._labels)
+
+        def append(self, path: str, label: int, loc: tuple = ()) -> None:
+            if self._width is None:
+                self._width = len(loc)
+            elif len(loc) != self._width:
+                raise ValueError(f"{path}: loc {loc} is not {self._width} numbers")
+            self._keys += path.encode(*_ENCODING)
+            self._offsets.append(len(self._keys))
+            self._labels.append(label)
+            self._locs.extend(loc)
+
+        def extend(self, candidates: Iterable[Candidate]) -> None:
+            for c in candidates:
+                self.append(c.path, c.label, c.loc)
+
+        def build(self) -> CandidateTable:
+            n, width = len(self._labels), self._width or 0
+            table = CandidateTable(
+                bytes(self._keys),
+                np.array(self._offsets, dtype=np.int64),
+                np.array(self._labels, dtype=np.int32),
+                np.array(self._locs, dtype=np.int64).reshape(n, width),
+            )
+            self.__init__(self._width)  # the builder's copies go now, not with the builder
+            return table
 
 
 @dataclass
@@ -40,7 +190,7 @@ class SplitListing:
 
     name: str
     reader: SourceReader
-    candidates: list[Candidate]
+    candidates: CandidateTable
     ignored: list[str]
     repeats: list[str] = field(default_factory=list)
     ordered: bool = False

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from converters.sources import (
     Candidate,
+    CandidateTable,
     SourceError,
     SourceOptions,
     SplitListing,
@@ -54,7 +55,8 @@ def list_train(path: Path, workers: int = 1) -> tuple[list[str], SplitListing]:
     classes = [_class_of(m) for m in inner]
     if not classes:
         raise SourceError(f"{path}: no per-class tars inside (<wnid>.tar members)")
-    candidates, ignored = [], [m.name for m in outer if not m.name.endswith(".tar")]
+    candidates = CandidateTable.Builder(loc_width=3)
+    ignored = [m.name for m in outer if not m.name.endswith(".tar")]
     for label, files in enumerate(_inner_listings(path, inner, workers)):
         wnid, mine = classes[label], []
         for f in files:
@@ -64,10 +66,11 @@ def list_train(path: Path, workers: int = 1) -> tuple[list[str], SplitListing]:
             else:
                 ignored.append(key)
         # classes come in sorted order, so sorting within each is the tree's order, without
-        # a sort key per image of the whole train tar held at once
+        # a sort key (nor a Candidate) per image of the whole train tar held at once
         mine.sort(key=lambda c: tree_order(c.path))
         candidates.extend(mine)
-    return classes, SplitListing("train", TarMemberReader([str(path)]), candidates, ignored)
+    listing = SplitListing("train", TarMemberReader([str(path)]), candidates.build(), ignored)
+    return classes, listing
 
 
 def _class_of(inner: Member) -> str:
@@ -121,7 +124,7 @@ def val_labels(src: Path, opts: SourceOptions) -> tuple[dict[str, str], list[str
 def list_val(path: Path, classes: list[str], labels: dict[str, str]) -> SplitListing:
     """The flat val tar → candidates keyed by file name, labelled from ``labels``."""
     index = {c: i for i, c in enumerate(classes)}
-    candidates, ignored = [], []
+    candidates, ignored = CandidateTable.Builder(loc_width=3), []
     for m in members(str(path)):
         name = m.name.rsplit("/", 1)[-1]
         if not is_image_name(name):
@@ -129,9 +132,11 @@ def list_val(path: Path, classes: list[str], labels: dict[str, str]) -> SplitLis
             continue
         where = f"{path}: member {m.name}"
         label = check_val_label(where, name.rsplit(".", 1)[0], labels, index)
-        candidates.append(Candidate(name, label, (0, m.offset, m.size)))
-    candidates.sort(key=lambda c: tree_order(c.path))
-    return SplitListing("val", TarMemberReader([str(path)]), candidates, ignored)
+        candidates.append(name, label, (0, m.offset, m.size))
+    # the whole split is sorted: for this sort only, a sort key per image (50,000 for
+    # ImageNet's val) is held besides the table
+    ordered = candidates.build().sorted_by(tree_order)
+    return SplitListing("val", TarMemberReader([str(path)]), ordered, ignored)
 
 
 def discover_ilsvrc(src: Path, opts: SourceOptions) -> tuple[list[str], list[SplitListing]]:

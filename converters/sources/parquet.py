@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from converters.sources import (
-    Candidate,
+    CandidateTable,
     SourceError,
     SourceOptions,
     SourceReader,
@@ -186,7 +186,7 @@ def _list_file(f: int, path: Path, split: str, classes, key_column, opts, out) -
                 )
             name = names[row] if names and names[row] else f"{path.stem}/{rg:05d}-{row:06d}"
             key = tree_key(split, name, classes[label])
-            out.append(Candidate(key, label, (f, rg, row)))
+            out.append(key, label, (f, rg, row))
 
 
 def discover_parquet(src: Path, opts: SourceOptions) -> tuple[list[str], list[SplitListing]]:
@@ -207,9 +207,9 @@ def discover_parquet(src: Path, opts: SourceOptions) -> tuple[list[str], list[Sp
         paths = by_split[split]
         schema = _pq().ParquetFile(paths[0]).schema_arrow
         image_col, key_col = _image_field(schema, opts, str(paths[0]))
-        candidates: list[Candidate] = []
+        candidates = CandidateTable.Builder(loc_width=3)
         for f, path in enumerate(paths):
             _list_file(f, path, split, classes, key_col, opts, candidates)
         reader = ParquetReader([str(p) for p in paths], image_col)
-        listings.append(SplitListing(split, reader, candidates, [], ordered=True))
+        listings.append(SplitListing(split, reader, candidates.build(), [], ordered=True))
     return classes, listings

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from converters.sources import (
     Candidate,
+    CandidateTable,
     SourceError,
     SourceOptions,
     SourceReader,
@@ -59,7 +60,9 @@ class _Walk:
         return True
 
 
-def _walk_class(root: Path, cls: str, label: int, walk: _Walk, candidates, ignored) -> None:
+def _walk_class(
+    root: Path, cls: str, label: int, walk: _Walk, candidates: CandidateTable.Builder, ignored
+) -> None:
     """ImageFolder's recursive, link-following walk of one class folder, where a folder or
     file reached a second time (a symlink loop, a link to something walked already) is
     skipped and recorded instead of being walked again."""
@@ -89,14 +92,14 @@ def _walk_class(root: Path, cls: str, label: int, walk: _Walk, candidates, ignor
                 ignored.append(rel)  # a dangling link
                 continue
             if walk.first_seen((st.st_dev, st.st_ino), walk.files, rel):
-                candidates.append(Candidate(rel, label))
+                candidates.append(rel, label)
 
 
 def list_imagefolder(root: Path, classes: list[str], name: str) -> SplitListing:
     """Walk ``root/<class>/**`` like ImageFolder (sorted, recursive, following links), each
     folder and file once."""
     index = {c: i for i, c in enumerate(classes)}
-    candidates, ignored = [], []
+    candidates, ignored = CandidateTable.Builder(loc_width=0), []
     walk = _Walk()
     class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
     walk.first_visit(str(root), walk.folders, "./")  # a link up to the split is a repeat
@@ -109,7 +112,7 @@ def list_imagefolder(root: Path, classes: list[str], name: str) -> SplitListing:
     for e in sorted(os.scandir(root), key=lambda e: e.name):
         if e.is_file():
             ignored.append(e.name)
-    return SplitListing(name, TreeReader(str(root)), candidates, ignored, walk.repeats)
+    return SplitListing(name, TreeReader(str(root)), candidates.build(), ignored, walk.repeats)
 
 
 def parse_val_labels(text: str, where: str, synsets: list[str] | None = None) -> dict[str, str]:
@@ -163,14 +166,14 @@ def list_flat_val(
 ) -> SplitListing:
     """ImageNet's flat ``val/`` folder plus a labels map; unlabeled images are an error."""
     index = {c: i for i, c in enumerate(classes)}
-    candidates, ignored = [], []
+    candidates, ignored = CandidateTable.Builder(loc_width=0), []
     for fname in sorted(os.listdir(root)):
         if not is_image_name(fname):
             ignored.append(fname)
             continue
         label = check_val_label(str(root / fname), fname.rsplit(".", 1)[0], labels, index)
-        candidates.append(Candidate(fname, label))
-    return SplitListing(name, TreeReader(str(root)), candidates, ignored)
+        candidates.append(fname, label)
+    return SplitListing(name, TreeReader(str(root)), candidates.build(), ignored)
 
 
 def _has_images(folder: Path) -> bool:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from converters.sources import (
-    Candidate,
+    CandidateTable,
     SourceError,
     SourceOptions,
     SplitListing,
@@ -90,19 +90,23 @@ def discover_webdataset(src: Path, opts: SourceOptions) -> tuple[list[str], list
         for i, path in enumerate(by_split[split]):
             _samples(i, path, samples, ignored)
         grouped[split] = (samples, ignored)
-    first = next(iter(grouped.values()))[0]
-    classes = _classes(first if "train" not in grouped else grouped["train"][0], opts, str(src))
+    named_by = grouped["train"] if "train" in grouped else next(iter(grouped.values()))
+    classes = _classes(named_by[0], opts, str(src))
+    del named_by
     listings = []
-    for split, (samples, ignored) in grouped.items():
-        candidates = []
+    for split in list(grouped):
+        samples, ignored = grouped.pop(split)  # so each split's grouping goes once listed
+        candidates = CandidateTable.Builder(loc_width=3)
         for key, (name, loc, label) in samples.items():
             if name is None or label is None:
                 ignored.append(f"{key} ({'no image' if name is None else 'no .cls label'})")
             elif not 0 <= label < len(classes):
                 raise SourceError(f"{name}: label {label} is not one of the {len(classes)} classes")
             else:
-                candidates.append(Candidate(tree_key(split, name, classes[label]), label, loc))
-        candidates.sort(key=lambda c: tree_order(c.path))
+                candidates.append(tree_key(split, name, classes[label]), label, loc)
+        del samples  # the grouping by key holds more per image than the table: free it first
+        # the whole split is sorted: a sort key per image is held for this sort only
+        candidates = candidates.build().sorted_by(tree_order)
         reader = TarMemberReader([str(p) for p in by_split[split]])
         listings.append(SplitListing(split, reader, candidates, ignored))
     return classes, listings
