@@ -115,6 +115,13 @@ def test_table_reads_as_the_list_it_was_built_from():
     assert list(table[1:3]) == MIXED[1:3] and list(table[::2]) == MIXED[::2]
     assert list(table[3:1]) == [] and list(table[1:][1:]) == MIXED[2:]
     assert list(table.take([3, 0, 0])) == [MIXED[3], MIXED[0], MIXED[0]]
+    view = table.view([3, -4, 2, 1])  # the columns shared, through row numbers
+    assert list(view) == [MIXED[3], MIXED[0], MIXED[2], MIXED[1]] and view[-1] == MIXED[1]
+    assert list(view[1:3]) == MIXED[0:3:2] and list(view.view([1, 0])[::-1]) == list(view[:2])
+    assert list(view.take([0, 3])) == [MIXED[3], MIXED[1]] and view.path(1) == MIXED[0].path
+    assert list(table[1:].view([2, 0])) == [MIXED[3], MIXED[1]]
+    with pytest.raises(IndexError):
+        table.view([0, 4])
     by_tree = sorted(MIXED, key=lambda c: tree_order(c.path))
     assert list(table.sorted_by(tree_order)) == by_tree
     with pytest.raises(IndexError):
@@ -148,6 +155,11 @@ def test_a_slice_pickles_only_its_part():
     assert len(data) < 2 * whole * 1024 / 50_000  # ~its 1,024 rows' share, not the 50,000's
     moved = pickle.loads(pickle.dumps(table.take(range(5, 1029))))
     assert list(moved) == list(table[5:1029])
+    order = list(range(50_000))[::-1]
+    permuted = table.view(order)[1_000:2_024]  # a train shard: the permuted view's slice
+    data = pickle.dumps(permuted)
+    assert len(data) < 2 * whole * 1024 / 50_000
+    assert list(pickle.loads(data)) == [table[i] for i in order[1_000:2_024]]
 
 
 def test_bytes_per_candidate_stay_small():

@@ -45,15 +45,17 @@ class CandidateTable:
     bytes an image where a list of ``Candidate`` took 150-250: ImageNet's 1.28M-image plan is
     the one thing in a conversion that grows with the source.
 
-    Reads like a sequence of ``Candidate``. A slice is a view (it shares the buffers) but
-    pickles only its own part, so a shard job sent to a worker carries its shard alone.
+    Reads like a sequence of ``Candidate``. A slice, and a ``view`` through a permutation, share
+    the columns (a view holds 8 bytes an image: its row numbers) but pickle only their own
+    part, so a shard job sent to a worker carries its shard alone.
     """
 
-    __slots__ = ("_keys", "_offsets", "_labels", "_locs")
+    __slots__ = ("_keys", "_offsets", "_labels", "_locs", "_rows")
 
-    def __init__(self, keys, offsets: np.ndarray, labels: np.ndarray, locs: np.ndarray):
-        # offsets index into keys; a view's first offset need not be 0
+    def __init__(self, keys, offsets: np.ndarray, labels: np.ndarray, locs: np.ndarray, rows=None):
+        # offsets index into keys; a slice's first offset need not be 0
         self._keys, self._offsets, self._labels, self._locs = keys, offsets, labels, locs
+        self._rows = rows  # a view's rows of the columns, in its order; None: all, in order
 
     @classmethod
     def of(cls, candidates: Iterable[Candidate], loc_width: int | None = None) -> CandidateTable:
@@ -63,16 +65,22 @@ class CandidateTable:
         return builder.build()
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._labels) if self._rows is None else len(self._rows)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the columns (a view counts the part it shows)."""
+        """Bytes of the columns its candidates would have on their own (as pickled)."""
+        if self._rows is not None:
+            return self._own().nbytes
         a, b = int(self._offsets[0]), int(self._offsets[-1])
         return b - a + self._offsets.nbytes + self._labels.nbytes + self._locs.nbytes
 
+    def _row(self, i: int) -> int:
+        return i if self._rows is None else int(self._rows[i])
+
     def path(self, i: int) -> str:
-        return str(self._keys[self._offsets[i] : self._offsets[i + 1]], *_ENCODING)
+        j = self._row(i)
+        return str(self._keys[self._offsets[j] : self._offsets[j + 1]], *_ENCODING)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -80,6 +88,9 @@ class CandidateTable:
             if step != 1:
                 return self.take(range(start, stop, step))
             stop = max(start, stop)
+            if self._rows is not None:
+                cols = (self._keys, self._offsets, self._labels, self._locs)
+                return CandidateTable(*cols, self._rows[start:stop])
             return CandidateTable(
                 self._keys,
                 self._offsets[start : stop + 1],
@@ -90,10 +101,14 @@ class CandidateTable:
         i = int(i)
         if not -n <= i < n:
             raise IndexError(f"candidate {i} of {n}")
-        i %= n
-        return Candidate(self.path(i), int(self._labels[i]), tuple(self._locs[i].tolist()))
+        j = self._row(i % n)
+        return Candidate(self.path(i % n), int(self._labels[j]), tuple(self._locs[j].tolist()))
 
     def __iter__(self) -> Iterator[Candidate]:
+        if self._rows is not None:
+            for start in range(0, len(self), _CHUNK):  # a gathered chunk at a time
+                yield from self._gather(self._rows[start : start + _CHUNK])
+            return
         keys = self._keys
         for start in range(0, len(self), _CHUNK):
             # a chunk's columns as Python lists: one numpy call each, not one per candidate
@@ -108,6 +123,25 @@ class CandidateTable:
     def take(self, indices) -> CandidateTable:
         """The candidates at ``indices``, in that order, in buffers of their own."""
         idx = np.asarray(indices, dtype=np.int64)
+        return self._gather(idx if self._rows is None else self._rows[idx])
+
+    def view(self, indices) -> CandidateTable:
+        """The candidates at ``indices``, in that order, sharing these columns: 8 bytes an
+        image (its row number) where ``take`` copies them (50-70)."""
+        idx, n = np.asarray(indices, dtype=np.int64), len(self)
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"candidates {idx.min()}..{idx.max()} of {n}")
+        if len(idx) and idx.min() < 0:
+            idx = np.where(idx < 0, idx + n, idx)
+        rows = idx if self._rows is None else self._rows[idx]
+        return CandidateTable(self._keys, self._offsets, self._labels, self._locs, rows)
+
+    def _own(self) -> CandidateTable:
+        """This table with its own columns: itself, or a view's rows gathered."""
+        return self if self._rows is None else self._gather(self._rows)
+
+    def _gather(self, idx: np.ndarray) -> CandidateTable:
+        """The columns' rows ``idx`` copied into a table of their own."""
         starts = self._offsets[:-1][idx]
         lengths = self._offsets[1:][idx] - starts
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
@@ -130,10 +164,11 @@ class CandidateTable:
         return self.take(order)
 
     def __reduce__(self):
-        # a view pickles as a table of its own part: its bytes, offsets from 0
-        a, b = int(self._offsets[0]), int(self._offsets[-1])
-        keys = bytes(self._keys[a:b])
-        return CandidateTable, (keys, self._offsets - a, self._labels.copy(), self._locs.copy())
+        # a slice or view pickles as a table of its own part: its bytes, offsets from 0
+        own = self._own()
+        a, b = int(own._offsets[0]), int(own._offsets[-1])
+        keys = bytes(own._keys[a:b])
+        return CandidateTable, (keys, own._offsets - a, own._labels.copy(), own._locs.copy())
 
     def __repr__(self) -> str:
         return f"CandidateTable({len(self)} candidates, {self.nbytes} bytes)"
