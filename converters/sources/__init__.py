@@ -158,8 +158,8 @@ class CandidateTable:
         return CandidateTable(keys.tobytes(), offsets, self._labels[idx], self._locs[idx])
 
     def sorted_by(self, key: Callable[[str], object]) -> CandidateTable:
-        """Stably sorted by ``key(path)``: the transient list of keys ``sorted`` makes is the
-        one per-image Python object list this costs, dropped before the sorted table is made."""
+        """Stably sorted by ``key(path)``. Transient, and per image: the keys ``sorted`` holds
+        while it sorts (a ``tree_order`` tuple each), then the order as a list of ints."""
         order = sorted(range(len(self)), key=lambda i: key(self.path(i)))
         return self.take(order)
 

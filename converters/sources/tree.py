@@ -42,21 +42,25 @@ def find_classes(directory: str | os.PathLike) -> list[str]:
 
 @dataclass
 class _Walk:
-    """What walking one split saw: each folder and file once, by (device, inode)."""
+    """What walking one split saw: each folder and file once, by (device, inode). The inodes
+    are kept per device as plain ints: while a tree is listed, the files' set is the one thing
+    as large as the split, and a (device, inode) tuple each took about twice the room."""
 
-    folders: set = field(default_factory=set)
-    files: set = field(default_factory=set)
+    folders: dict[int, set[int]] = field(default_factory=dict)
+    files: dict[int, set[int]] = field(default_factory=dict)
     repeats: list[str] = field(default_factory=list)
 
-    def first_visit(self, path: str, seen: set, rel: str) -> bool:
+    def first_visit(self, path: str, seen: dict, rel: str) -> bool:
         st = os.stat(path)
         return self.first_seen((st.st_dev, st.st_ino), seen, rel)
 
-    def first_seen(self, ident: tuple[int, int], seen: set, rel: str) -> bool:
-        if ident in seen:
+    def first_seen(self, ident: tuple[int, int], seen: dict, rel: str) -> bool:
+        dev, ino = ident
+        inodes = seen.setdefault(dev, set())
+        if ino in inodes:
             self.repeats.append(rel)
             return False
-        seen.add(ident)
+        inodes.add(ino)
         return True
 
 
