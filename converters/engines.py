@@ -5,6 +5,7 @@ records, so it counts the work of other array jobs and of remote workers too."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing as mp
@@ -73,6 +74,22 @@ def _run_job(args) -> str:
     return job.done_name
 
 
+@contextlib.contextmanager
+def _no_opencv_pool():
+    """Fork with OpenCV's thread pool stopped: a child of a process whose pool has run (a
+    caller that resized images in-process, say) inherits the pool's locks but not its
+    threads, and hangs for good in ``init_decode_worker``'s ``cv2.setNumThreads(1)``. The
+    caller's setting is restored once the workers are forked."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # joins the pool's threads here, in the parent
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def run_processes(todo: list[ShardJob], out: Path, cfg, classes, feed: ProgressFeed) -> None:
     """Run the shard jobs in ``cfg.workers`` forked processes."""
     ctx = mp.get_context("fork")
@@ -84,9 +101,12 @@ def run_processes(todo: list[ShardJob], out: Path, cfg, classes, feed: ProgressF
     # (the plan itself is numpy columns, which the collector does not walk anyway).
     gc.freeze()
     try:
-        pool = ctx.Pool(
-            min(cfg.workers, len(todo)), initializer=_init_worker, initargs=(counter, os.getpid())
-        )
+        with _no_opencv_pool():
+            pool = ctx.Pool(
+                min(cfg.workers, len(todo)),
+                initializer=_init_worker,
+                initargs=(counter, os.getpid()),
+            )
     finally:
         gc.unfreeze()
     try:
