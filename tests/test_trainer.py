@@ -565,16 +565,8 @@ def test_every_seed_row_has_a_config():
 
 
 def test_configs_cli_lists_every_config():
-    out = subprocess.run(
-        [sys.executable, "-m", "trainer", "configs", "--json"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    stdout = _run([sys.executable, "-m", "trainer", "configs", "--json"], timeout=300)
+    rows = {r["name"]: r for r in json.loads(stdout)}
     assert sorted(rows) == [n.removesuffix(".yaml") for n in CONFIG_FILES]
     r = rows["seed003_resnet50_mixup"]
     assert (r["model"], r["epochs"], r["global_batch"], r["lr"]) == ("resnet50", 120, 1024, 0.4)
@@ -850,16 +842,10 @@ def _env() -> dict:
 
 
 def test_models_cli_json():
-    out = subprocess.run(
-        [sys.executable, "-m", "trainer", "models", "--json", "--pattern", "resnet*"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+    stdout = _run(
+        [sys.executable, "-m", "trainer", "models", "--json", "--pattern", "resnet*"], timeout=300
     )
-    rows = json.loads(out.stdout)
+    rows = json.loads(stdout)
     by = {r["name"]: r for r in rows}
     assert {"resnet18", "resnet50", "resnet101"} <= set(by)
     assert all({"name", "params", "gflops"} <= set(r) and r["image_size"] == 224 for r in rows)

@@ -463,7 +463,7 @@ class Trainer:
             res.update({"ema_top1": e["top1"], "ema_top5": e["top5"], "ema_loss": e["loss"]})
         return res
 
-    def _report_train_skipped(self, log: RunLogs) -> None:
+    def _report_train_skipped(self, logs: RunLogs) -> None:
         """End of an epoch: the train records skipped as corrupt, logged and kept (a
         collective: every rank calls it)."""
         skipped = gather_skipped(self.train_loader, self.d.world_size)
@@ -471,7 +471,7 @@ class Trainer:
         if not skipped:
             return
         _info(self.d, f"epoch {self.epoch + 1} train: {describe_skipped(skipped)}")
-        log.write({"kind": "skipped", "split": "train", "epoch": self.epoch, "records": skipped})
+        logs.write({"kind": "skipped", "split": "train", "epoch": self.epoch, "records": skipped})
 
     # --- the loop ------------------------------------------------------------------------------
 

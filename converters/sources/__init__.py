@@ -60,8 +60,7 @@ class CandidateTable:
     @classmethod
     def of(cls, candidates: Iterable[Candidate], loc_width: int | None = None) -> CandidateTable:
         builder = cls.Builder(loc_width)
-        for c in candidates:
-            builder.append(c.path, c.label, c.loc)
+        builder.extend(candidates)
         return builder.build()
 
     def __len__(self) -> int:

@@ -151,22 +151,23 @@ class ParquetReader(SourceReader):
                 try:
                     images = _RowGroupImages(self.files[f], rg, self.image_column)
                 except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid...
-                    error = OSError(f"{self.files[f]}: row group {rg} unreadable ({e})")
+                    error = self._unreadable(f, rg, e)
             value = None
             if images is not None:
                 try:
                     value = images.get(row)
                 except Exception as e:  # noqa: BLE001 - a damaged page mid-row-group
-                    images, error = (
-                        None,
-                        OSError(f"{self.files[f]}: row group {rg} unreadable ({e})"),
-                    )
+                    images, error = None, self._unreadable(f, rg, e)
             if images is None:
                 yield cand, error
             elif value is None:
                 yield cand, OSError(f"{self.files[f]}: row {row} of row group {rg} has no image")
             else:
                 yield cand, value
+
+    def _unreadable(self, f: int, rg: int, e: Exception) -> OSError:
+        """The error a candidate of an unreadable row group is reported with."""
+        return OSError(f"{self.files[f]}: row group {rg} unreadable ({e})")
 
 
 def _list_file(f: int, path: Path, split: str, classes, key_column, opts, out) -> None:
