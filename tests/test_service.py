@@ -554,6 +554,39 @@ def _failed_start(tmp_path, *args) -> tuple[str, float]:
     return errors[0], took
 
 
+def test_killed_server_leaves_nothing_in_tmp(clean_pack):
+    """kill -9 leaves the builders' socket folder; LocalServer's stop() removes it with the
+    server's own temporary folder, so a fault-test suite does not fill the machine's /tmp."""
+    s = LocalServer([clean_pack], workers=1, extra=["--engine", "process"]).start()
+    home = s.home
+    (serve_dir,) = home.glob("datasvc-serve-*")
+    assert serve_dir.name.startswith(f"datasvc-serve-{s.pid}-")
+    s.kill()
+    assert serve_dir.exists()  # nobody could remove it
+    s.stop()
+    assert not home.exists()
+
+
+def test_next_server_sweeps_folders_of_dead_servers(tmp_path, monkeypatch):
+    import subprocess
+    import tempfile
+
+    from datasvc.service.broker import make_serve_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"datasvc-serve-{gone.pid}-abc"
+    alive = tmp_path / f"datasvc-serve-{os.getppid()}-abc"
+    other = tmp_path / "datasvc-serve-notapid"
+    for d in (dead, alive, other):
+        d.mkdir()
+    mine = make_serve_dir()
+    assert not dead.exists(), "a dead server's folder is removed"
+    assert alive.exists() and other.exists(), "a live server's and a stranger's are kept"
+    assert mine.parent == tmp_path and mine.name.startswith(f"datasvc-serve-{os.getpid()}-")
+
+
 def test_port_in_use_fails_fast_and_clean(clean_pack, tmp_path):
     import socket
 

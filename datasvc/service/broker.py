@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -149,6 +150,32 @@ class BrokerConfig:
     advertise: str | None = None  # the endpoint written there (default: the bound one)
 
 
+SERVE_DIR_PREFIX = "datasvc-serve-"
+
+
+def make_serve_dir() -> Path:
+    """This server's private folder for its builders' ipc socket, named after its pid.
+
+    A server killed -9 cannot remove its folder; the next server on the machine removes those
+    whose pid is gone, so a fleet host restarted for days does not fill its /tmp."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{SERVE_DIR_PREFIX}*-*"):
+        pid = old.name[len(SERVE_DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SERVE_DIR_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive, and not ours to clean up after
+    return True
+
+
 def _pack_sizes(packs: dict) -> tuple[dict, dict, dict]:
     """Per pack name: split sizes, class list, manifest digest (advertised in ping)."""
     from datasvc.packs import open_pack
@@ -204,7 +231,7 @@ class Broker:
 
     def serve_forever(self) -> None:
         """Start the builders and sockets, serve until SIGTERM/SIGINT, then stop them all."""
-        self._tmp = Path(tempfile.mkdtemp(prefix="datasvc-serve-"))
+        self._tmp = make_serve_dir()
         self._ctx = self.front = self.back = self._auth = self.pool = None
         slots = self.config.builders * SLOTS_PER_BUILDER + SPARE_SLOTS
         self.ring = SlotRing(slots, self.slot_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ class LocalServer:
         self.prefix = prefix or []  # e.g. ``ip netns exec NS``: where the server runs
         self.proc = None
         self.endpoint = None
+        self.home = None  # the server's own temporary folder: its log, and its TMPDIR
         self.log = None
 
     @property
@@ -46,9 +48,10 @@ class LocalServer:
         return self.proc.pid
 
     def start(self) -> LocalServer:
-        fd, log = tempfile.mkstemp(prefix="datasvc-serve-", suffix=".log")
-        os.close(fd)
-        self.log = Path(log)
+        # The server's TMPDIR is this folder, so what it leaves when killed -9 (its builders'
+        # ipc socket folder) goes with the folder in stop(), not into the machine's /tmp.
+        self.home = Path(tempfile.mkdtemp(prefix="datasvc-local-"))
+        self.log = self.home / "serve.log"
         cmd = [
             *self.prefix,
             sys.executable,
@@ -66,24 +69,33 @@ class LocalServer:
         ]
         root = Path(__file__).resolve().parents[2]
         env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+            TMPDIR=str(self.home),
         )
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(
                 cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+        try:
+            self.endpoint = self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> str:
+        """The endpoint the server printed once it listens; raises if it exits or is slow."""
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             m = _READY.search(self.log.read_text())
             if m:
-                self.endpoint = m.group(1)
-                return self
+                return m.group(1)
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"datasvc serve exited ({self.proc.returncode}):\n{self.log.read_text()}"
                 )
             time.sleep(0.05)
-        self.stop()
         raise TimeoutError(f"datasvc serve did not start in {self.startup_timeout}s")
 
     def kill(self) -> None:
@@ -99,8 +111,9 @@ class LocalServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.log and self.log.exists():
-            self.log.unlink()
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
+            self.home = None
 
     def raw_stats(self) -> dict:
         """The server's ``stats`` reply, as it sends it."""
