@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_tmpdir(tmp_path_factory):
+    """The suite's TMPDIR is under pytest's base temp: what its processes leave there
+    (torchrun's folders, a killed server's socket folder) goes with it when the run passes,
+    instead of piling up in the machine's /tmp run after run."""
+    own = tmp_path_factory.mktemp("TMPDIR")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(own)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield own
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
 
 
 def _jpeg(arr, **kw) -> bytes:
