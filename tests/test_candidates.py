@@ -123,12 +123,44 @@ def test_table_reads_as_the_list_it_was_built_from():
     with pytest.raises(IndexError):
         table.view([0, 4])
     by_tree = sorted(MIXED, key=lambda c: tree_order(c.path))
-    assert list(table.sorted_by(tree_order)) == by_tree
+    assert list(table.tree_sorted()) == by_tree
     with pytest.raises(IndexError):
         table[4]
     flat = CandidateTable.of([Candidate("a", 1), Candidate("b", 2)])  # the tree's: no loc
     assert list(flat) == [Candidate("a", 1, ()), Candidate("b", 2, ())]
     assert list(CandidateTable.Builder().build()) == []
+
+
+def _tricky_keys(rng) -> list[str]:
+    """Keys whose tree order differs from their plain string order: a folder that is a prefix
+    of another ('a' and 'a-b': '-' sorts before '/'), sub-folders, flat names, non-ASCII and
+    surrogate-escaped names, duplicates."""
+    parts = ["a", "a-b", "a b", "ab", "\u00e9", "\udcff", "n01", "Z", "a.b"]
+    keys = []
+    for _ in range(400):
+        depth = rng.choice([0, 1, 1, 2, 3])
+        keys.append(
+            "/".join(rng.choice(parts) for _ in range(depth + 1)) + rng.choice(["", ".jpg"])
+        )
+    return keys
+
+
+@pytest.mark.parametrize("long_key", [False, True])
+def test_tree_sorted_is_the_tree_order_sort(long_key):
+    """The numpy sort (and, with one key far longer than the rest, Python's) orders as
+    ``sorted`` with ``tree_order`` does, stably."""
+    import random
+
+    keys = _tricky_keys(random.Random(5))
+    if long_key:
+        keys.append("x/" + "y" * 5000 + ".jpg")
+    cands = [Candidate(k, i, (i,)) for i, k in enumerate(keys)]
+    table = CandidateTable.of(cands)
+    expected = sorted(cands, key=lambda c: tree_order(c.path))
+    assert list(table.tree_sorted()) == expected
+    assert list(table.view(list(range(len(cands)))[::-1]).tree_sorted()) == sorted(
+        cands[::-1], key=lambda c: tree_order(c.path)
+    )
 
 
 def test_builder_refuses_a_loc_of_another_shape():

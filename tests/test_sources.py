@@ -180,3 +180,67 @@ def test_tar_listing_keeps_no_headers(tmp_path, monkeypatch):
         f.seek(listed[7].offset)
         assert f.read(listed[7].size) == b"x" * 7
     assert max(held) <= 1  # at most the header just read, never the tar's whole list
+
+
+# --- webdataset: odd samples --------------------------------------------------------------
+
+
+def _wds(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(sources) -> bytes:
+    w = sources["src"]["wnids"][0]
+    return next(d for n, d in sources["src"]["train"][w].items() if n.endswith(".JPEG"))
+
+
+def test_webdataset_groups_consecutive_members_and_reports_odd_samples(sources, tmp_path):
+    """Samples are runs of members sharing a key, as webdataset's own reader groups them; a
+    sample without an image or a label, and a key repeated in a second tar, are ignored (the
+    first sample of a key is kept) and counted, never packed twice."""
+    jpg = _jpeg(sources)
+    src = tmp_path / "wds"
+    src.mkdir()
+    _wds(src / "train-0000.tar", [
+        ("a/x1.jpg", jpg), ("a/x1.cls", b"0"),
+        ("b/y1.jpg", jpg), ("b/y1.cls", b"1"), ("b/y1.json", b"{}"),
+        ("a/nolabel.jpg", jpg),
+        ("b/noimage.cls", b"1"),
+    ])  # fmt: skip
+    _wds(src / "train-0001.tar", [("a/x1.jpg", jpg), ("a/x1.cls", b"0"), ("a/x2.jpg", jpg),
+                                  ("a/x2.cls", b"0")])  # fmt: skip
+    kind, classes, (train,) = discover(src, SourceOptions())
+    assert kind == "webdataset" and classes == ["a", "b"]
+    got = [(c.path, c.label, c.loc[0]) for c in train.candidates]
+    assert got == [("a/x1.jpg", 0, 0), ("a/x2.jpg", 0, 1), ("b/y1.jpg", 1, 0)]
+    assert sorted(train.ignored) == [
+        "a/nolabel (no .cls label)",
+        "a/x1.jpg (a second sample with this key)",
+        "b/noimage (no image)",
+        "b/y1.json",
+    ]
+
+
+@pytest.mark.parametrize(
+    "members, opts, message",
+    [
+        ([("a/x.jpg", b"j"), ("a/x.cls", b"cat")], {}, "member a/x.cls: label 'cat' is not"),
+        ([("x.jpg", b"j"), ("x.cls", b"0")], {}, "do not name their classes; pass --classes"),
+        ([("a/x.jpg", b"j"), ("a/x.cls", b"0"), ("a/y.jpg", b"j"), ("a/y.cls", b"1")], {},
+         "do not name their classes"),  # one folder, two labels
+        ([("x.jpg", b"j"), ("x.cls", b"5")], {"classes": True}, "x.jpg: label 5 is not one of"),
+    ],
+)  # fmt: skip
+def test_webdataset_bad_samples_name_the_member(tmp_path, members, opts, message):
+    src = tmp_path / "wds"
+    src.mkdir()
+    _wds(src / "train-0000.tar", members)
+    if opts.get("classes"):
+        (tmp_path / "classes.txt").write_text("a\nb\n")
+        opts = {"classes": str(tmp_path / "classes.txt")}
+    with pytest.raises(SourceError, match=message):
+        discover(src, SourceOptions(**opts))

@@ -135,7 +135,7 @@ def list_val(path: Path, classes: list[str], labels: dict[str, str]) -> SplitLis
         candidates.append(name, label, (0, m.offset, m.size))
     # the whole split is sorted: for this sort only, a sort key per image (50,000 for
     # ImageNet's val) is held besides the table
-    ordered = candidates.build().sorted_by(tree_order)
+    ordered = candidates.build().tree_sorted()
     return SplitListing("val", TarMemberReader([str(path)]), ordered, ignored)
 
 
