@@ -3,6 +3,7 @@ and its peak memory against the source's size.
 
     python -m benchmarks.convert [--suite decode,sources,ray,memory,plan] [--workers 2]
                                  [--rounds 3] [--ray-scale 4] [--plan-images 100000]
+                                 [--memory-scales 1,4]
                                  [--json F] [--plot F]
 
 All on the built-in sample (10 classes x 160 train + 40 val images, ImageNet-like sizes), 2
@@ -14,10 +15,12 @@ ILSVRC2012 tarballs, parquet and webdataset shards (target: tarballs >= 0.9 of t
 ``ray``: the Ray engine on 2 local CPUs against the process engine (target >= 0.85), on an
 already running Ray, and embedded (each run starts and stops its own Ray) on the tree
 ``--ray-scale`` times over, with and without the seconds its ``ray.init``/``ray.shutdown`` took.
-``memory``: peak PSS of the whole conversion (driver and workers) for a source and the same
-source four times as large, at the same shard size (200 images). ``plan``: the bytes per image
+``memory``: peak PSS of the whole conversion (driver and workers, and each on its own) for a
+source and the same source ``--memory-scales`` times as large, at the same shard size (200
+images). ``plan``: the bytes per image
 the driver's plan holds (listings and shard jobs; tracemalloc) and the peak while making it,
-for ImageNet-named few-byte files (``--plan-images`` of them) as a tree and as the tarballs.
+for ImageNet-named few-byte files (``--plan-images`` of them) as a tree, the tarballs and
+webdataset tars.
 """
 
 from __future__ import annotations
@@ -272,11 +275,12 @@ def suite_ray(
     return running + rows
 
 
-def peak_pss_mb(argv: list[str]) -> tuple[float, float, float]:
-    """Run a command; (peak PSS of its process tree in MB, the sum of each process's own peak
-    PSS in MB, seconds), sampled every 50 ms. The first is what the machine saw; it depends on
-    whether the workers' transient peaks (a row group, a transaction) happened to coincide,
-    which a longer run makes likelier. The second bounds it whatever the timing."""
+def peak_pss_mb(argv: list[str]) -> dict:
+    """Run a command and sample its process tree's PSS every 50 ms. Returns (in MB) the peak of
+    the whole tree (what the machine saw: it depends on whether the workers' transient peaks, a
+    row group or a transaction, happened to coincide, which a longer run makes likelier), the
+    sum of each process's own peak (which bounds it whatever the timing), the driver's own peak
+    (where the O(N) plan lives) and the largest worker's, and the seconds it ran."""
     import psutil
 
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -295,7 +299,14 @@ def peak_pss_mb(argv: list[str]) -> tuple[float, float, float]:
         time.sleep(0.05)
     if proc.returncode:
         raise RuntimeError(f"{argv} failed with {proc.returncode}")
-    return peak, sum(own.values()) / 2**20, time.perf_counter() - t0
+    driver = own.pop(proc.pid, 0)
+    return {
+        "peak_pss_mb": peak,
+        "sum_of_peaks_mb": (driver + sum(own.values())) / 2**20,
+        "driver_peak_mb": driver / 2**20,
+        "worker_peak_mb": max(own.values(), default=0) / 2**20,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _scaled(src: dict, factor: int) -> dict:
@@ -310,36 +321,46 @@ def _scaled(src: dict, factor: int) -> dict:
     return {**src, "wnids": sorted(wnids), "synsets": sorted(wnids), "train": train, "val": val}
 
 
-def suite_memory(tree: Path, work: Path, workers: int, rounds: int, n: int) -> list[dict]:
+def _memory_source(name: str, scaled: dict, dest: Path) -> Path:
+    if name == "ILSVRC2012 tarballs":
+        return sample_sources.ilsvrc_tarballs(scaled, dest, labels="kaggle")
+    return sample_sources.parquet_shards(scaled, dest, row_group_size=256)
+
+
+def suite_memory(
+    tree: Path, work: Path, workers: int, rounds: int, n: int, scales=(1, 4)
+) -> list[dict]:
     src = sample_sources.flatten_val(shutil.copytree(tree, work / "mem-tree"))
     rows = []
-    for factor in (1, 4):
+    for factor in scales:
         scaled = _scaled(src, factor)
-        layouts = {
-            "ILSVRC2012 tarballs": sample_sources.ilsvrc_tarballs(
-                scaled, work / f"mem-ilsvrc{factor}", labels="kaggle"
-            ),
-            "parquet (HF layout)": sample_sources.parquet_shards(
-                scaled, work / f"mem-pq{factor}", row_group_size=256
-            ),
-        }
-        for name, path in layouts.items():
+        images = sum(len(v) for v in scaled["train"].values()) + len(scaled["val"])
+        for name in ("ILSVRC2012 tarballs", "parquet (HF layout)"):
+            path = _memory_source(name, scaled, work / f"mem-src{factor}")
             out = work / f"mem-out-{factor}"
-            shutil.rmtree(out, ignore_errors=True)
             # a fixed shard size: a writer's mapped shard pages count in its PSS
             argv = [sys.executable, "-m", "datasvc.cli", "convert", str(path), str(out), "-q",
                     "--workers", str(workers), "--shard-size", "200"]  # fmt: skip
-            peak, bound, secs = peak_pss_mb(argv)
-            images = sum(len(v) for v in scaled["train"].values()) + len(scaled["val"])
-            rows.append(
-                {
-                    "case": f"{name}, {images} images",
-                    "peak_pss_mb": peak,
-                    "sum_of_peaks_mb": bound,
-                    "seconds": secs,
-                }
-            )
+            row = {"case": f"{name}, {images} images", **peak_pss_mb(argv)}
+            row["plan_mb"] = _plan_mb(path)
+            row["driver_less_plan_mb"] = row["driver_peak_mb"] - row["plan_mb"]
+            rows.append(row)
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # the largest sources are GBs
     return rows
+
+
+def _plan_mb(path: Path) -> float:
+    """MB of the plan the driver holds for ``path``: the listings' columns, and the 8 bytes an
+    image of train's permuted view."""
+    from converters.convert import make_plan
+    from converters.sources import SourceOptions
+
+    planned = make_plan(path, ConvertConfig(shard_size=200), SourceOptions(workers=1))
+    held = sum(l.candidates.nbytes for l in planned.listings)
+    permuted = [l for l in planned.listings if l.name == "train" and not l.ordered]
+    held += sum(8 * len(l.candidates) for l in permuted)
+    return held / 2**20
 
 
 def _named_files(images: int, classes: int = 100) -> dict:
@@ -385,6 +406,7 @@ def suite_plan(tree: Path, work: Path, workers: int, rounds: int, n: int, images
             "ILSVRC2012 tarballs": sample_sources.ilsvrc_tarballs(
                 src, work / f"plan-ilsvrc{scale}", labels="kaggle"
             ),
+            "webdataset tars": sample_sources.webdataset_tars(src, work / f"plan-wds{scale}"),
         }
         for name, path in paths.items():
             count, held, peak = _plan_bytes(path)
@@ -422,10 +444,13 @@ COLUMNS = [
     ("startup_s", "Ray startup s"),
     ("peak_pss_mb", "peak PSS MB"),
     ("sum_of_peaks_mb", "sum of per-process peaks MB"),
+    ("driver_peak_mb", "driver peak MB"),
+    ("worker_peak_mb", "largest worker peak MB"),
     ("seconds", "seconds"),
     ("plan_b_per_image", "plan bytes per image"),
     ("peak_b_per_image", "peak bytes per image while planning"),
     ("plan_mb", "plan MB"),
+    ("driver_less_plan_mb", "driver peak less its plan MB"),
 ]
 
 
@@ -442,6 +467,11 @@ def main(argv=None) -> int:
         help="the embedded-Ray case converts the tree this many times over (startup amortised)",
     )
     ap.add_argument("--plan-images", type=int, default=100_000, help="images of the plan suite")
+    ap.add_argument(
+        "--memory-scales",
+        default="1,4",
+        help="the memory suite converts the sample this many times over, each (comma list)",
+    )
     ap.add_argument("--json", default="out/bench-convert.json")
     ap.add_argument("--plot", default="out/bench-convert.png")
     a = ap.parse_args(argv)
@@ -451,7 +481,11 @@ def main(argv=None) -> int:
     results = {}
     try:
         for suite in a.suite.split(","):
-            kw = {"ray": {"factor": a.ray_scale}, "plan": {"images": a.plan_images}}.get(suite, {})
+            kw = {
+                "ray": {"factor": a.ray_scale},
+                "plan": {"images": a.plan_images},
+                "memory": {"scales": [int(x) for x in a.memory_scales.split(",")]},
+            }.get(suite, {})
             rows = globals()[f"suite_{suite}"](tree, work, a.workers, a.rounds, n, **kw)
             results[suite] = rows
             cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
