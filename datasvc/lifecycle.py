@@ -1,4 +1,4 @@
-"""Worker processes that never outlive their parent."""
+"""Worker processes that never outlive their parent, and whether a process is still there."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts: it is not ours to clean up)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

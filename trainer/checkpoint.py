@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from datasvc.errors import UserError
+from datasvc.lifecycle import pid_alive
 
 LAST = "last.pt"
 BEST = "best.pt"  # the epoch-end checkpoint of the highest val top-1
@@ -64,23 +65,13 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     stale = glob.glob(os.path.join(folder, ".*.tmp-*"))
     for p in stale:
         pid = p.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
             continue  # another live process is writing it
         try:
             os.unlink(p)
         except FileNotFoundError:
             pass
     return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CheckpointError(UserError, ValueError):

@@ -23,6 +23,7 @@ from pathlib import Path
 import msgpack
 
 from datasvc.errors import UserError
+from datasvc.lifecycle import pid_alive
 from datasvc.service.auth import allowed_keys, is_loopback, load_keypair
 from datasvc.service.builders import (
     DONE,
@@ -161,19 +162,9 @@ def make_serve_dir() -> Path:
     root = Path(tempfile.gettempdir())
     for old in root.glob(f"{SERVE_DIR_PREFIX}*-*"):
         pid = old.name[len(SERVE_DIR_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{SERVE_DIR_PREFIX}{os.getpid()}-", dir=root))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process: alive, and not ours to clean up after
-    return True
 
 
 def _pack_sizes(packs: dict) -> tuple[dict, dict, dict]:
