@@ -126,8 +126,12 @@ def _list_split(split: str, tars: list[Path], classes: _Classes) -> SplitListing
 
 def _class_name(given: list[str], label: int, name: str) -> str:
     if not 0 <= label < len(given):
-        raise SourceError(f"{name}: label {label} is not one of the {len(given)} classes")
+        raise _label_error(name, label, len(given))
     return given[label]
+
+
+def _label_error(name: str, label: int, n_classes: int) -> SourceError:
+    return SourceError(f"{name}: label {label} is not one of the {n_classes} classes")
 
 
 def _first_of_each_key(table: CandidateTable, ignored: list[str]) -> CandidateTable:
@@ -147,9 +151,7 @@ def _check_labels(listing: SplitListing, n_classes: int) -> None:
     labels = listing.candidates.labels
     bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
     if len(bad):
-        name = listing.candidates.path(int(bad[0]))
-        label = int(labels[bad[0]])
-        raise SourceError(f"{name}: label {label} is not one of the {n_classes} classes")
+        raise _label_error(listing.candidates.path(int(bad[0])), int(labels[bad[0]]), n_classes)
 
 
 def discover_webdataset(src: Path, opts: SourceOptions) -> tuple[list[str], list[SplitListing]]:
