@@ -245,3 +245,34 @@ def test_dali_reads_our_shards(tfrecord_pack):
             assert int(np.array(labels[j])[0]) == s.label + 1
             assert np.array(imgs[j]).shape == (s.height, s.width, 3)
             seen += 1
+
+
+def test_threads_first_reading_a_shard_at_once_all_read_it(tfrecord_pack):
+    """The thread engine's workers share one reader: several meeting a shard for the first time
+    together each open it. Each read must keep the file it opened; when a later open replaced a
+    shared handle, an earlier thread's file could close under it (EBADF in CI)."""
+    import threading
+
+    shard = sorted(glob.glob(str(tfrecord_pack / "train" / "*.tfrecord")))[0]
+    expected = TFRecordShardReader(shard).raw(0)
+    threads, rounds = 8, 200
+    errors = []
+    for _ in range(rounds):
+        reader = TFRecordShardReader(shard)
+        _ = reader.index  # the race is in opening the file, not in reading the index
+        start = threading.Barrier(threads)
+
+        def read(reader=reader, start=start):
+            start.wait()
+            try:
+                assert reader.raw(0) == expected
+            except Exception as e:  # noqa: BLE001 - every failure is the finding
+                errors.append(repr(e))
+
+        pool = [threading.Thread(target=read) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        reader.close()
+    assert not errors, f"{len(errors)} of {threads * rounds} reads failed, e.g. {errors[0]}"

@@ -291,9 +291,7 @@ class TFRecordShardReader:
         self.path = Path(path)
         self.verify = verify
         self._index = index
-        self._f = None
-        self._size = 0
-        self._pid = None
+        self._opened = None  # (pid, file, size): replaced whole, never changed in place
 
     @property
     def index(self) -> list[tuple[int, int]]:
@@ -306,30 +304,35 @@ class TFRecordShardReader:
                 self._index = scan_records(self.path)
         return self._index
 
-    def _file(self):
-        if self._pid != os.getpid():
-            self._f = open(self.path, "rb", buffering=0)
-            self._size = os.fstat(self._f.fileno()).st_size
-            self._pid = os.getpid()
-        return self._f
+    def _file(self) -> tuple[int, object, int]:
+        """This process's open file and its size. Thread-engine workers share the reader, so
+        the handle is one tuple each read holds locally: two threads opening at once each keep
+        the file they opened alive for their read (a shared attribute would let one thread's
+        open drop, and close, the file another thread is reading)."""
+        opened = self._opened
+        if opened is None or opened[0] != os.getpid():
+            f = open(self.path, "rb", buffering=0)
+            opened = (os.getpid(), f, os.fstat(f.fileno()).st_size)
+            self._opened = opened
+        return opened
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _check_extent(self, i: int, offset: int, size: int) -> None:
+    def _check_extent(self, i: int, offset: int, size: int, file_size: int) -> None:
         """A record the index places past the file's end is lost to a truncated copy."""
-        if offset + size > self._size:
+        if offset + size > file_size:
             raise CorruptSampleError(
                 f"{self.path} record {i}: shard truncated: the index puts the record at bytes "
-                f"{offset}-{offset + size}, the file has {self._size}"
+                f"{offset}-{offset + size}, the file has {file_size}"
             )
 
     def raw(self, i: int) -> bytes:
         offset, size = self.index[i]
         TFRecordShardReader.records_read += 1
-        fd = self._file().fileno()
-        self._check_extent(i, offset, size)
-        return os.pread(fd, size, offset)
+        _, f, file_size = self._file()
+        self._check_extent(i, offset, size, file_size)
+        return os.pread(f.fileno(), size, offset)
 
     def __getitem__(self, i: int) -> Sample:
         where = f"{self.path} record {i}"
@@ -345,18 +348,16 @@ class TFRecordShardReader:
             yield self[i]
 
     def close(self) -> None:
-        if self._f is not None and self._pid == os.getpid():
-            self._f.close()
-        self._f = self._pid = None
+        opened, self._opened = self._opened, None
+        if opened is not None and opened[0] == os.getpid():
+            opened[1].close()
 
     def __getstate__(self):
         return {
             "path": self.path,
             "verify": self.verify,
             "_index": self._index,
-            "_f": None,
-            "_size": 0,
-            "_pid": None,
+            "_opened": None,
         }
 
 
