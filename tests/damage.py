@@ -55,6 +55,15 @@ def _image_byte(sp, sid: int) -> tuple[Path, int]:
     return path, int(offset) + at + len(image) // 2
 
 
+def overwrite_pages(shard: Path, first: int = 8, count: int = 4) -> None:
+    """Overwrite ``count`` 4 KiB pages of an LMDB shard from page ``first``: in the test packs'
+    shards these are B-tree pages of the first records, so reading them fails in LMDB
+    (MDB_CORRUPTED, MDB_PAGE_NOTFOUND) or yields garbage the record's check refuses."""
+    with open(shard, "r+b") as f:
+        f.seek(4096 * first)
+        f.write(bytes([0xA5]) * 4096 * count)
+
+
 def truncate_shard(pack: Path, split: str, shard: int, keep: float = 0.5) -> Path:
     """Cut a shard file to ``keep`` of its size, as an interrupted copy leaves it."""
     path = open_pack(pack).split(split).shard_paths[shard]

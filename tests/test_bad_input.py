@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from datasvc.errors import UsageError, UserError, run_command
+from tests.damage import overwrite_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE_TIMEOUT_S = 10.0
@@ -591,9 +592,7 @@ def test_verify_damaged_lmdb_pages(pack_copy):
     record after a damaged page is read with a fresh transaction (not reported as damaged
     because the last one was)."""
     shard = _lmdb_shard(pack_copy)
-    with open(shard, "r+b") as f:
-        f.seek(4096 * 8)  # the fixture pack's B-tree pages for the first records
-        f.write(bytes([0xA5]) * 4096 * 4)
+    overwrite_pages(shard)  # the fixture pack's B-tree pages for the first records
     r = datasvc("verify", pack_copy, "-q")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     damaged = [ln for ln in r.stderr.splitlines() if ln.startswith("DAMAGED")]

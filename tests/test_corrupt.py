@@ -16,7 +16,7 @@ import pytest
 from converters.convert import ConvertConfig, convert
 from datasvc.corrupt import CorruptLedger, CorruptRecordError, TooManyCorruptError, corrupt_limit
 from datasvc.loaders import create_loader
-from tests.damage import copy_pack, damage_records, truncate_shard
+from tests.damage import copy_pack, damage_records, overwrite_pages, truncate_shard
 
 DAMAGED = [5, 40]  # train ids of the clean pack (64 samples in 2 shards) whose bytes are flipped
 
@@ -186,6 +186,26 @@ def test_truncated_shard_is_corrupt_records_never_a_signal(
     with create_loader("custom", pack, **kw) as loader:
         with pytest.raises(CorruptRecordError, match=f"{path.name} record .*shard truncated"):
             _epoch(loader)
+
+
+def _epoch_and_skipped(pack, engine):
+    kw = dict(batch_size=4, train=False, num_workers=2, engine=engine)
+    with create_loader("custom", pack, on_corrupt="skip", max_corrupt=1.0, **kw) as loader:
+        ids, _ = _epoch(loader)
+        return sorted(ids), sorted(e["id"] for e in loader.skipped)
+
+
+def test_damaged_lmdb_pages_cost_thread_workers_only_their_own_records(clean_pack, tmp_path):
+    """B-tree pages overwritten: the thread engine's workers read one shard at once, and the one
+    that meets a damaged page must not leave the others a transaction that fails their healthy
+    records (MDB_BAD_TXN). Every round loses exactly what the process engine loses; before each
+    thread had its own transaction, 6 of 20 rounds here lost 1-2 healthy records more."""
+    pack = copy_pack(clean_pack, tmp_path / "pack")
+    overwrite_pages(sorted((pack / "train").glob("*.lmdb"))[0])
+    delivered, lost = _epoch_and_skipped(pack, "process")
+    assert lost and sorted(delivered + lost) == list(range(64))
+    rounds = [_epoch_and_skipped(pack, "thread") for _ in range(20)]
+    assert all(r == (delivered, lost) for r in rounds), [r[1] for r in rounds if r[1] != lost]
 
 
 def test_shard_shrunk_under_a_running_loader_reports_the_signal_and_shard(clean_pack, tmp_path):

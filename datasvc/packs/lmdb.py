@@ -114,11 +114,15 @@ class LMDBShardWriter:
 # One read-only environment per shard file and process: LMDB (and py-lmdb's guard) forbid
 # opening the same environment twice in a process, and a forked child must not use its
 # parent's handle, so a child closes what it inherited and opens its own.
-_ENVS: dict[tuple, tuple[int, lmdb.Environment, lmdb.Transaction]] = {}
+_ENVS: dict[tuple, tuple[int, lmdb.Environment]] = {}
 _DAMAGED: dict[tuple, str] = {}  # shard files found shorter than their structure, and why
 # A second lmdb.open of an environment this process has open fails ("already open"), so two
 # thread-engine workers meeting a shard for the first time at once must not both open it.
 _OPENING = threading.Lock()
+# One read transaction per shard and thread. A read that meets a damaged page leaves its
+# transaction unusable (MDB_BAD_TXN) until it is renewed: shared by the thread engine's
+# workers, it made their healthy records of that shard look damaged too.
+_THREAD = threading.local()
 
 
 def _new_opening_lock() -> None:
@@ -166,65 +170,78 @@ def _open_env(real: str) -> lmdb.Environment:
     return env
 
 
-def _read_txn(path: Path) -> lmdb.Transaction:
+def _env_key(path: Path) -> tuple:
     real = os.path.realpath(path)
     st = os.stat(real)
-    key = (real, st.st_dev, st.st_ino)  # a file re-created at the same path is another env
-    entry = _ENVS.get(key)
-    if entry is not None and entry[0] == os.getpid():
-        return entry[2]
-    with _OPENING:  # threads of one process: only one may open a shard's environment
-        return _open_txn(key, real)
+    return (real, st.st_dev, st.st_ino)  # a file re-created at the same path is another env
 
 
-def _open_txn(key: tuple, real: str) -> lmdb.Transaction:
+def _thread_txns() -> dict[tuple, tuple[lmdb.Environment, lmdb.Transaction]]:
+    txns = getattr(_THREAD, "txns", None)
+    if txns is None:
+        txns = _THREAD.txns = {}
+    return txns
+
+
+def _read_txn(key: tuple) -> lmdb.Transaction:
+    """This thread's read transaction on the shard ``key`` names, begun on this process's
+    environment (a transaction of an environment since closed, or a parent's, is replaced)."""
+    entry = _ENVS.get(key)
+    held = _thread_txns().get(key)
+    if entry is not None and entry[0] == os.getpid() and held is not None and held[0] is entry[1]:
+        return held[1]
+    if entry is not None and entry[0] == os.getpid():
+        env = entry[1]
+    else:
+        with _OPENING:  # threads of one process: only one may open a shard's environment
+            env = _process_env(key)
+    txn = env.begin(buffers=False)
+    _thread_txns()[key] = (env, txn)
+    return txn
+
+
+def _process_env(key: tuple) -> lmdb.Environment:
     entry = _ENVS.get(key)
     if entry is not None and entry[0] == os.getpid():
-        return entry[2]  # another thread opened it while this one waited
+        return entry[1]  # another thread opened it while this one waited
     if entry is not None:  # inherited through fork: drop it without touching the parent's
         try:
-            entry[2].abort()
-            entry[1].close()
+            entry[1].close()  # also ends the transactions begun on it
         except lmdb.Error:
             pass
         del _ENVS[key]
     if key in _DAMAGED:
         raise DamagedShardError(_DAMAGED[key])
     try:
-        env = _open_env(real)
+        env = _open_env(key[0])
     except DamagedShardError as e:
         _DAMAGED[key] = str(e)
         raise
-    txn = env.begin(buffers=False)
-    _ENVS[key] = (os.getpid(), env, txn)
-    return txn
+    _ENVS[key] = (os.getpid(), env)
+    return env
 
 
-def _renew_txn(path: Path) -> None:
-    """A fresh read transaction for ``path``: LMDB leaves one that met a damaged page unusable
-    (MDB_BAD_TXN), so without this every later record of the shard would seem damaged too."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    key = (real, st.st_dev, st.st_ino)
-    entry = _ENVS.get(key)
-    if entry is None or entry[0] != os.getpid():
-        return
-    try:
-        entry[2].abort()
-    except lmdb.Error:
-        pass
-    _ENVS[key] = (entry[0], entry[1], entry[1].begin(buffers=False))
+def _renew_txn(key: tuple) -> None:
+    """Drop this thread's transaction on ``key``: LMDB leaves one that met a damaged page
+    unusable (MDB_BAD_TXN), so without this every later record of the shard would seem
+    damaged too. The next read begins a fresh one."""
+    held = _thread_txns().pop(key, None)
+    if held is not None:
+        try:
+            held[1].abort()
+        except lmdb.Error:
+            pass
 
 
 def close_environments() -> None:
     """Close this process's read-only environments, unmapping their shards (so that their
     pages can leave the page cache); readers reopen on their next read. Close the readers
-    (``Split.close``) first: their transactions end here."""
-    for key, (pid, env, txn) in list(_ENVS.items()):
+    (``Split.close``) first: the transactions of every thread end here."""
+    for key, (pid, env) in list(_ENVS.items()):
         if pid == os.getpid():
-            txn.abort()
             env.close()
         del _ENVS[key]
+    _thread_txns().clear()
 
 
 class LMDBShardReader:
@@ -234,14 +251,14 @@ class LMDBShardReader:
         self.path = Path(path)
         self.verify = verify
         self._len = None
-        self._txn = None
+        self._key = None  # the shard file's identity, looked up once per process
         self._pid = None
 
     def _get_txn(self) -> lmdb.Transaction:
-        if self._pid != os.getpid() or self._txn is None:
-            self._txn = _read_txn(self.path)
+        if self._pid != os.getpid() or self._key is None:
+            self._key = _env_key(self.path)
             self._pid = os.getpid()
-        return self._txn
+        return _read_txn(self._key)
 
     def __len__(self) -> int:
         if self._len is None:
@@ -252,8 +269,7 @@ class LMDBShardReader:
         try:
             value = self._get_txn().get(record_key(index))
         except lmdb.Error as e:  # a damaged B-tree page: MDB_CORRUPTED, MDB_PAGE_NOTFOUND
-            self._txn = None
-            _renew_txn(self.path)
+            _renew_txn(self._key)
             raise CorruptSampleError(
                 f"{self.path} record {index}: damaged LMDB page ({e})"
             ) from None
@@ -271,11 +287,12 @@ class LMDBShardReader:
             yield self[i]
 
     def close(self) -> None:
-        """Forget the handle; environments are shared per process and stay open."""
-        self._txn = self._pid = None
+        """Forget the shard's identity; environments (and each thread's transaction on them)
+        are shared per process and stay open."""
+        self._key = self._pid = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_txn": None, "_pid": None}
+        return {**self.__dict__, "_key": None, "_pid": None}
 
 
 # --- where each value lies in the file, for read-ahead --------------------------------------
