@@ -28,11 +28,12 @@ NORMAL_CLIENTS = 3
 GREEDY_FACTOR = 10  # requests per burst, in units of the server's credits
 
 
-def _read_epochs(endpoint: str, pack: str, batch_size: int, image_size: int) -> float:
-    """Images/s of ``NORMAL_CLIENTS`` clients reading one epoch each, at the same time."""
+def _read_epochs(endpoint: str, pack: str, batch_size: int, image_size: int) -> tuple:
+    """Images/s of ``NORMAL_CLIENTS`` clients reading one epoch each, at the same time, and the
+    "busy" replies they got (each costs its client a back-off)."""
     from datasvc.loaders import create_loader
 
-    counts = [0] * NORMAL_CLIENTS
+    counts, busy = [0] * NORMAL_CLIENTS, [0] * NORMAL_CLIENTS
 
     def client(i: int) -> None:
         loader = create_loader(
@@ -40,6 +41,7 @@ def _read_epochs(endpoint: str, pack: str, batch_size: int, image_size: int) -> 
         )
         with loader:
             counts[i] = sum(len(b.ids) for b in loader)
+            busy[i] = loader.client.busy_replies
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(NORMAL_CLIENTS)]
     t0 = time.perf_counter()
@@ -47,7 +49,7 @@ def _read_epochs(endpoint: str, pack: str, batch_size: int, image_size: int) -> 
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    return sum(counts) / (time.perf_counter() - t0), sum(busy)
 
 
 class Greedy:
@@ -119,12 +121,11 @@ def run(a) -> dict:
                 busy0 = _stats(server.endpoint)["busy"]
                 if phase == "greedy":
                     with Greedy(server.endpoint, "bench", credits, a.batch_size, a.image_size):
-                        got[phase] = _read_epochs(
-                            server.endpoint, "bench", a.batch_size, a.image_size
-                        )
+                        read = _read_epochs(server.endpoint, "bench", a.batch_size, a.image_size)
                 else:
-                    got[phase] = _read_epochs(server.endpoint, "bench", a.batch_size, a.image_size)
-                got[f"{phase}_busy"] = _stats(server.endpoint)["busy"] - busy0
+                    read = _read_epochs(server.endpoint, "bench", a.batch_size, a.image_size)
+                got[phase], got[f"{phase}_normal_busy"] = read
+                got[f"{phase}_busy"] = _stats(server.endpoint)["busy"] - busy0 - read[1]
             got["ratio"] = got["greedy"] / got["alone"]
             log.info("round %d: %s", r, got)
             rounds.append(got)
@@ -151,11 +152,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = run(a)
     ratios = ", ".join(f"{x['ratio']:.2f}" for x in res["rounds"])
+    normal_busy = [(x["alone_normal_busy"], x["greedy_normal_busy"]) for x in res["rounds"]]
     print(
         f"normal clients with a greedy one / without: {res['median_ratio']:.2f}x "
         f"(per round {ratios}); alone {res['median_alone_images_per_s']:.0f} images/s, "
         f"with greedy {res['median_greedy_images_per_s']:.0f}; greedy busy replies per phase "
-        f"{[x['greedy_busy'] for x in res['rounds']]}"
+        f"{[x['greedy_busy'] for x in res['rounds']]}; normal clients' busy replies per phase "
+        f"(alone, with greedy) {normal_busy}"
     )
     if a.json:
         with open(a.json, "w") as f:

@@ -148,7 +148,7 @@ def _junk(rng: random.Random) -> list[bytes]:
         "batch": 0,
         "id": 1,
     }
-    choice = rng.randrange(12)
+    choice = rng.randrange(13)
     if choice == 0:
         return [os.urandom(rng.randrange(0, 200))]
     if choice == 1:
@@ -173,6 +173,8 @@ def _junk(rng: random.Random) -> list[bytes]:
         return [msgpack.packb({**good, "rank": 3, "world": 2})]
     if choice == 10:
         return [msgpack.packb({**good, "image_size": "64"})]
+    if choice == 11:
+        return [msgpack.packb({**good, "got": rng.choice([-1, "3", 2.5])})]
     return [msgpack.packb({**good, "op": "exec"})]
 
 
@@ -507,6 +509,38 @@ def test_greedy_client_gets_busy_others_finish(clean_pack):
     assert greedy_stats["busy"] == st["busy"], "only the greedy one was refused"
     assert greedy_stats["unsent"] > 0, "its unread replies hold its credits"
     assert greedy_stats["sending"] <= 1, "and one slot at most"
+
+
+def test_replies_are_numbered_and_the_client_says_what_it_read(server):
+    """Each batch reply carries its delivery number (``seq``); a request's ``got`` (one past the
+    last it read) is what frees those replies' credits when libzmq's own notice is late. A bad
+    ``got`` is an error reply, and the server serves on."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger, sock.identity = 0, b"reads-and-says-so"
+    sock.connect(server.endpoint)
+
+    def ask(n: int, got, first_id: int) -> list[dict]:
+        for i in range(n):
+            req = BatchRequest("pack", "train", True, 64, 0, 0, 0, 1, 8, i)
+            sock.send(request_header(req, first_id + i, got))
+        assert sock.poll(30_000), "no reply"
+        return [msgpack.unpackb(sock.recv_multipart()[0]) for _ in range(n)]
+
+    try:
+        first = ask(2, 0, 1)
+        assert [r["ok"] for r in first] == [True, True] and [r["seq"] for r in first] == [0, 1]
+        (third,) = ask(1, 2, 3)
+        assert third["seq"] == 2
+        mine = _stats(server.endpoint)["clients"][b"reads-and-says-so".hex()]
+        assert mine["delivered"] == 3 and mine["got"] == 2 and mine["unread"] <= 1
+        (bad,) = ask(1, -1, 4)
+        assert bad["ok"] is False and bad["error"] == "field" and "got" in bad["message"]
+        (after,) = ask(1, 3, 5)
+        assert after["ok"] and after["seq"] == 3
+    finally:
+        sock.close(0)
+        ctx.term()
 
 
 # --- clean start and stop ------------------------------------------------------------------

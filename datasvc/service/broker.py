@@ -125,6 +125,7 @@ class Task:
     slot: int | None = None
     deaths: int = 0  # builders that died while building it
     pinned: bool = False  # its reply is sent from its slot (not a copy)
+    seq: int = -1  # its reply's delivery number to its client (batches only)
     received: float = field(default_factory=time.monotonic)
 
 
@@ -566,6 +567,9 @@ class Broker:
         tracker = None
         if slot is not None:
             images, tracker = self._images_frame(task, slot, header["shape"])
+            cs = self.stats.clients[task.client]
+            task.seq = header["seq"] = cs.delivered  # the client names it read by this
+            cs.delivered += 1
             out = [msgpack.packb(header, use_bin_type=True), images, *buffers]
         else:
             self.ring.give_back(task.slot)  # an error or encoded samples
@@ -611,6 +615,10 @@ class Broker:
         self._unsent = still
         self._queue.unsent = len(still)
 
+    def _count_unread(self, client: bytes, cs) -> None:
+        """The client's replies libzmq still holds and the client has not said it read."""
+        cs.unread = sum(1 for t, _ in self._unsent if t.client == client and t.seq >= cs.got)
+
     def _count(self, task: Task, header: dict, out: list) -> None:
         cs = self.stats.clients[task.client]
         if "listings" in header:
@@ -648,7 +656,9 @@ class Broker:
             if self._draining:
                 raise ProtocolError("draining", "this server is stopping; ask another one")
             self._check(req)
+            cs.got = max(cs.got, min(header.get("got", 0), cs.delivered))
             self._release_sent()  # a reply the network just took frees its credit first
+            self._count_unread(client, cs)
             refusal = self._queue.refusal(client)
             if refusal:
                 self.stats.busy += 1

@@ -174,6 +174,7 @@ class _Endpoint:
         self.timeouts = 0
         self.replies = 0
         self.requests = 0
+        self.got = 0  # one past the last delivery number (``seq``) read from this server
         self.first_request_at: float | None = None  # monotonic time of its first batch request
 
     def close(self) -> None:
@@ -350,6 +351,9 @@ class BatchClient:
                     header = unpack_header(frames[0].bytes, request=False)
                 except ProtocolError:
                     continue  # not a reply we can read; a request will time out, re-asked
+                seq = header.get("seq")
+                if type(seq) is int:  # in order on one connection (a restarted server's anew)
+                    ep.got = seq + 1  # the next request tells the server it was read
                 if header.get("op") == "pong" and header.get("id") == ep.ping_id:
                     self._admit(ep, header)
                 elif on_reply is not None:
@@ -482,7 +486,7 @@ class _Fetch:
             if index in self.done:
                 continue
             rid = next(c._ids)
-            if not _send(ep.sock, request_header(self.requests[index], rid)):
+            if not _send(ep.sock, request_header(self.requests[index], rid, ep.got)):
                 self.pending.appendleft(index)
                 ep.suspect_until = now + c.request_timeout
                 ep.timeouts += 1

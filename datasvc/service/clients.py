@@ -1,14 +1,18 @@
 """Per-client state in the broker: counters, credits and the round-robin queue of tasks.
 
 A client (a ZeroMQ identity) may have at most ``credits`` requests queued, being built or
-answered but not yet taken by the network (one such reply is not counted: libzmq may hold the
-last one a moment after the client got it) (a client that does not read leaves its replies in
-libzmq); the broker answers more with "busy" instead of queueing them, so a client that asks and
-never reads costs the others no more than its credits. Builders take tasks from clients in turn
-(round-robin), not in arrival order, so one client's burst cannot delay everyone else's next
-batch. The table
-holds at most ``size`` clients with nothing outstanding (least recently seen forgotten first);
-clients with outstanding tasks are bounded by the server's total queue.
+answered but not yet read (a client that does not read leaves its replies in libzmq); the
+broker answers more with "busy" instead of queueing them, so a client that asks and never reads
+costs the others no more than its credits. A reply is read once libzmq has let it go or the
+client's next request says so (``got``, one past the last reply number ``seq`` it read):
+libzmq's notice comes from pyzmq's own thread and can lag, under load, past the client's next
+request, which was then refused although the client had read everything. (A client that says
+it read what it did not gains nothing past the socket's high-water mark: libzmq drops the rest.)
+
+Builders take tasks from clients in turn (round-robin), not in arrival order, so one client's
+burst cannot delay everyone else's next batch. The table holds at most ``size`` clients with
+nothing outstanding (least recently seen forgotten first); clients with outstanding tasks are
+bounded by the server's total queue.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class ClientState:
     outstanding: int = 0  # requests queued or being built
     unsent: int = 0  # replies libzmq still holds (the client has not taken them)
     sending: int = 0  # of those, replies sent straight from a slot (at most one)
+    delivered: int = 0  # batch replies numbered so far (each reply's ``seq``)
+    got: int = 0  # what the client says it has read: replies numbered below this
+    unread: int = 0  # replies libzmq still holds that the client has not said it read
     queue: collections.deque = field(default_factory=collections.deque)
 
     def counters(self) -> dict:
@@ -83,8 +90,10 @@ class FairQueue:
     def refusal(self, client: bytes) -> str | None:
         """Why a new task of ``client`` is refused now ("busy"), or None."""
         state = self.clients[client]
-        # libzmq may hold the last reply a while after the client got it: one is not counted.
-        if state.outstanding + max(0, state.unsent - 1) >= self.credits:
+        # A reply the client says it read frees its credit even if libzmq's notice that it
+        # let go (the tracker, set from pyzmq's own thread) is late; one more is not counted
+        # for clients that do not say what they read.
+        if state.outstanding + max(0, state.unread - 1) >= self.credits:
             return (
                 f"this client already has {self.credits} requests queued, being built or "
                 "answered but not read (the server's --credits); ask again once replies arrive"

@@ -171,18 +171,26 @@ def _validate(header: dict) -> BatchRequest | None:
     on_corrupt = header.get("on_corrupt", "raise")
     if on_corrupt not in ON_CORRUPT:
         raise ProtocolError("field", f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+    got = header.get("got", 0)
+    if type(got) is not int or got < 0:
+        raise ProtocolError("field", f"got must be a non-negative integer, got {got!r}")
     return BatchRequest(
         train=header["train"], op=op, transform=transform, on_corrupt=on_corrupt, **fields
     )
 
 
-def request_header(req: BatchRequest, request_id: int) -> bytes:
+def request_header(req: BatchRequest, request_id: int, got: int | None = None) -> bytes:
+    """A batch request's frame. ``got``: one past the highest delivery number (a reply's
+    ``seq``) the client has read from this server, which frees those replies' credits at once
+    (see ``FairQueue.refusal``)."""
     body = {
         WIRE_KEYS.get(f.name, f.name): getattr(req, f.name)
         for f in dataclass_fields(req)
         if f.name != "transform"
     }
     body["transform"] = req.transform.options() if req.transform is not None else None
+    if got is not None:
+        body["got"] = got
     return pack_header({**body, "id": request_id})
 
 
