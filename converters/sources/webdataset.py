@@ -39,18 +39,19 @@ def _sample_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def _grouped(path: Path) -> Iterator[tuple[str, list[Member]]]:
+def _grouped(path: Path) -> Iterator[tuple[str, list[tuple[Member, str]]]]:
     """One tar's samples as webdataset groups them: runs of consecutive members sharing a key
-    (a key seen again later starts another sample, as in webdataset's own reader). Streamed:
-    no grouping of the whole split is held, however many images it has."""
+    (a key seen again later starts another sample, as in webdataset's own reader), each member
+    with its extension. Streamed: no grouping of the whole split is held, however many images
+    it has."""
     key, group = None, []
     for m in members(str(path)):
-        k, _ = _sample_key(m.name)
+        k, ext = _sample_key(m.name)
         if k != key and group:
             yield key, group
             group = []
         key = k
-        group.append(m)
+        group.append((m, ext))
     if group:
         yield key, group
 
@@ -103,8 +104,7 @@ def _list_split(split: str, tars: list[Path], classes: _Classes) -> SplitListing
         with open(path, "rb") as f:
             for key, group in _grouped(path):
                 image, label = None, None
-                for m in group:
-                    ext = _sample_key(m.name)[1]
+                for m, ext in group:
                     if ext == "cls":
                         label = _read_label(f, path, m)
                     elif is_image_name(m.name) and image is None:

@@ -187,11 +187,11 @@ def _read_txn(key: tuple) -> lmdb.Transaction:
     """This thread's read transaction on the shard ``key`` names, begun on this process's
     environment (a transaction of an environment since closed, or a parent's, is replaced)."""
     entry = _ENVS.get(key)
-    held = _thread_txns().get(key)
-    if entry is not None and entry[0] == os.getpid() and held is not None and held[0] is entry[1]:
-        return held[1]
     if entry is not None and entry[0] == os.getpid():
         env = entry[1]
+        held = _thread_txns().get(key)
+        if held is not None and held[0] is env:
+            return held[1]
     else:
         with _OPENING:  # threads of one process: only one may open a shard's environment
             env = _process_env(key)
